@@ -1,0 +1,1 @@
+"""Framework adapters (LangChain, LlamaIndex): thin layers over `beacon_apps.engine`."""

@@ -1,0 +1,1 @@
+"""The Gradio web app over `beacon_apps.engine`."""
