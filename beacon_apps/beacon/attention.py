@@ -69,7 +69,9 @@ def attend(
 
         bias = causal_lower_right(n, total)
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling).transpose(1, 2)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, scale=scaling
+        ).transpose(1, 2)
     if mask is None:
         mask = _causal_mask(n, past, query.device)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)

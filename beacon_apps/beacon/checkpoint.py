@@ -103,7 +103,9 @@ def _weight_files(directory: Path) -> list[Path]:
         p.name for p in directory.glob("*.pt*")
     )
     hint = f" (found {', '.join(pickles)}: convert them to safetensors first)" if pickles else ""
-    raise CheckpointError(f"{directory}: no *.safetensors weights{hint}; beacon-apps loads only safetensors")
+    raise CheckpointError(
+        f"{directory}: no *.safetensors weights{hint}; beacon-apps loads only safetensors"
+    )
 
 
 def load_beacon_model(
@@ -200,6 +202,7 @@ def save_beacon_model(model: BeaconForCausalLM, directory: str | os.PathLike) ->
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         directory.mkdir(exist_ok=True)
         for item in staging.iterdir():
+            item.chmod(0o644)
             os.replace(item, directory / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -129,7 +129,9 @@ class BeaconConfig:
         names = cls.field_names()
         unknown = sorted(k for k in overrides if k not in names)
         if unknown:
-            raise BeaconConfigError(f"{unknown[0]}: not a beacon setting; known: {', '.join(names)}")
+            raise BeaconConfigError(
+                f"{unknown[0]}: not a beacon setting; known: {', '.join(names)}"
+            )
         picked = {k: values[k] for k in names if k in values and values[k] is not None}
         picked.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**picked)

@@ -198,6 +198,45 @@ class BeaconMemory:
         state = snapshot.snapshot()
         self.__dict__.update(state.__dict__)
 
+    _SCALARS = (
+        "start", "end", "step_index", "window_closed", "window_ratio", "interleave_remainder",
+        "chosen_ratio", "sequence_index", "used_zero_ratio", "window_indicator", "ratios",
+        "sink_length", "beacon_length", "raw_length",
+    )  # fmt: skip
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The whole state as tensors + JSON-able metadata (for the on-disk document cache)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            for name in ("keys", "values", "raw_keys"):
+                view = getattr(layer, name).view()
+                if view is not None:
+                    tensors[f"layer{i}.{name}"] = view.detach().contiguous()
+        for name in ("input_ids", "labels"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        meta = {name: getattr(self, name) for name in self._SCALARS}
+        meta["rng"] = self.rng.bit_generator.state
+        meta["config"] = self.config.to_dict()
+        meta["num_layers"] = self.num_layers
+        return tensors, meta
+
+    def import_state(self, tensors: dict[str, torch.Tensor], meta: dict, device=None) -> None:
+        """Load what `export_state` wrote; raises ValueError if it does not fit this model."""
+        if meta.get("num_layers") != self.num_layers or meta.get("config") != self.config.to_dict():
+            raise ValueError("memory state was written for another model or beacon settings")
+        self.reset()
+        for name in self._SCALARS:
+            setattr(self, name, meta[name])
+        self.rng.bit_generator.state = meta["rng"]
+        for name in ("input_ids", "labels"):
+            setattr(self, name, tensors.get(name))
+        for i, layer in enumerate(self.layers):
+            for name in ("keys", "values", "raw_keys"):
+                tensor = tensors.get(f"layer{i}.{name}")
+                if tensor is not None:
+                    getattr(layer, name).write(0, tensor.to(device) if device else tensor)
+
     # ------------------------------------------------------------------ input
     def append(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Queue new raw tokens; labels are shifted so each token's target is the next token."""
@@ -392,7 +431,9 @@ class BeaconMemory:
 
         new_sink = min(sink_size, n_fed) if sink_changes else self.sink_length
         sink_moved = sink_changes  # sink re-set from this step's first tokens
-        for layer, k_pre, k_rot, v in zip(self.layers, new_keys, new_rotated, new_values):
+        for layer, k_pre, k_rot, v in zip(
+            self.layers, new_keys, new_rotated, new_values, strict=True
+        ):
             raw_start = self.sink_length + self.beacon_length
             layer.raw_keys.write(self.raw_length, k_pre)
             if sink_moved:
@@ -401,7 +442,9 @@ class BeaconMemory:
                 layer.keys.write(0, rotate(k_pre[:, :, :new_sink], torch.arange(new_sink)))
                 layer.values.write(0, v[:, :, :new_sink])
                 raw_start = new_sink  # beacon memory is empty here
-                layer.keys.write(raw_start, rotate(raw_pre, torch.arange(raw_pre.shape[2]) + raw_start))
+                layer.keys.write(
+                    raw_start, rotate(raw_pre, torch.arange(raw_pre.shape[2]) + raw_start)
+                )
                 layer.values.write(raw_start, raw_values)
             else:
                 layer.keys.write(plan.past_length, k_rot)

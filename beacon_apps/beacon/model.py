@@ -152,7 +152,9 @@ class BeaconForCausalLM(nn.Module):
         if input_ids.numel() == 0:
             raise ValueError("input_ids: empty input; give at least one token")
         if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels: shape {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"labels: shape {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
         vocab = self.config.vocab_size
         if int(input_ids.max()) >= vocab or int(input_ids.min()) < 0:
             raise ValueError(f"input_ids: token ids must lie in [0, {vocab})")
@@ -214,7 +216,7 @@ class BeaconForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(hidden, plan.positions.to(device)[None])
         beacon_rows = is_beacon.nonzero().flatten() if has_beacons else None
         new_keys, new_rotated, new_values = [], [], []
-        for layer, layer_memory in zip(self.model.layers, self.memory.layers):
+        for layer, layer_memory in zip(self.model.layers, self.memory.layers, strict=True):
             past_keys, past_values = layer_memory.past_view()
             args = (hidden, cos, sin, past_keys, past_values, beacon_rows, plan.mask)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -1,0 +1,627 @@
+"""The beacon engine: one loaded model answering questions about whole documents.
+
+Every front end (CLI, Gradio app, LangChain and LlamaIndex adapters, notebooks) calls this module
+and none of them touches the model. The engine owns:
+
+* prompts built with the model's chat template (document first, then the question), so the
+  document's tokens form a prefix shared by every question about it;
+* the compression ratio, chosen per document so the condensed memory fits the model's reach and
+  an optional byte budget, then pinned (so a cached prefix stays valid);
+* the condensed-document cache (`beacon_apps.cache`): a prompt is always read in window-aligned
+  pieces, the memory is snapshotted at the last window boundary before the question, and a later
+  prompt with the same prefix restores it. Reading in window-aligned pieces is what makes cached
+  and uncached answers bit-identical;
+* one request at a time per model (a lock), with the memory reset or restored per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .beacon import GenerationSettings, generate_tokens, load_beacon_model, resolve_model_dir
+from .beacon.model import BeaconForCausalLM, max_positions
+from .cache import CondensedCache, prefix_digests
+from .documents import Document, Page, documents_text, load_documents
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "namespace-Pt/beacon-qwen-2-7b-instruct"
+QA_SYSTEM_PROMPT = (
+    "You answer questions about the document the user gives you. Use only the document. "
+    "Cite the pages you rely on as [page N]. If the document does not say, answer that it "
+    "does not say."
+)
+SUMMARY_INSTRUCTIONS = {
+    "short": ("Summarize the document above in 3 to 5 sentences.", 256),
+    "medium": ("Summarize the document above in two or three paragraphs, citing pages.", 512),
+    "long": (
+        "Write a detailed summary of the document above, section by section, citing pages.",
+        1024,
+    ),
+}
+Progress = Callable[[int, int], None]
+
+
+class DocumentTooLongError(ValueError):
+    """The document does not fit the model even at its strongest compression."""
+
+
+@dataclass
+class Answer:
+    """A finished answer with what it cost; front ends show these numbers."""
+
+    text: str
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    compression_ratio: int
+    cached_tokens: int  # prompt tokens restored from the condensed-document cache
+    prefill_seconds: float
+    total_seconds: float
+    memory_entries: int  # KV entries per layer after the answer
+    memory_bytes: int
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def cache_hit(self) -> bool:
+        return self.cached_tokens > 0
+
+
+class AnswerStream:
+    """Text deltas as they are generated; `.answer` holds the `Answer` once iteration ends."""
+
+    def __init__(self, deltas: Iterator[str], notices: list[str]):
+        self._deltas = deltas
+        self.notices = notices
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._deltas
+
+    def __next__(self) -> str:
+        return next(self._deltas)
+
+    def close(self) -> None:
+        self._deltas.close()
+
+    def consume(self) -> Answer:
+        """Read the rest of the stream; return the finished `Answer`."""
+        for _ in self._deltas:
+            pass
+        return self.answer
+
+
+async def aiterate(stream: AnswerStream) -> AsyncIterator[str]:
+    """Iterate a stream from async code without blocking the event loop.
+
+    The model runs in a worker thread; deltas cross over through an asyncio queue. If the
+    consumer stops early, the stream is closed (which frees the engine for the next request).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+    cancelled = threading.Event()
+
+    def produce() -> None:
+        try:
+            for delta in stream:
+                if cancelled.is_set():
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+        except BaseException as error:  # re-raised in the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+        finally:
+            stream.close()
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = loop.run_in_executor(None, produce)
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+        await worker
+
+
+@dataclass
+class DocumentInfo:
+    """What reading a set of documents will take, before reading it."""
+
+    names: list[str]
+    pages: int
+    characters: int
+    tokens: int
+    compression_ratio: int
+    memory_entries: int  # condensed KV entries per layer
+    memory_bytes: int  # all layers, keys + values
+    fits: bool
+
+
+def as_documents(
+    documents: Document | str | os.PathLike | Sequence[Document | str | os.PathLike],
+) -> list[Document]:
+    """Documents from Document objects and/or file paths."""
+    if isinstance(documents, (Document, str, os.PathLike)):
+        documents = [documents]
+    loaded = list(documents)
+    paths = [d for d in loaded if not isinstance(d, Document)]
+    if paths:
+        by_path = iter(load_documents(paths))
+        loaded = [d if isinstance(d, Document) else next(by_path) for d in loaded]
+    return loaded
+
+
+def text_document(text: str, name: str = "text") -> Document:
+    """A one-page document from a string (for callers that already hold the text)."""
+    return Document(source=name, name=name, pages=[Page(1, text, "1")], metadata={})
+
+
+class BeaconEngine:
+    """One beacon model + tokenizer, serving document QA, summaries and chat, one request at a time."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | BeaconForCausalLM = DEFAULT_MODEL,
+        tokenizer: Any = None,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        ratio: int | str = "auto",
+        memory_budget_bytes: int | None = None,
+        cache: CondensedCache | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        question_allowance: int = 1024,
+        **beacon_overrides: Any,
+    ) -> None:
+        if isinstance(model, BeaconForCausalLM):
+            if tokenizer is None:
+                raise ValueError("tokenizer: give the tokenizer that goes with the model object")
+            self.model, self.model_name = (
+                model,
+                getattr(model.config, "_name_or_path", "") or "beacon",
+            )
+            fingerprint = self.model_name
+        else:
+            directory = resolve_model_dir(model)
+            self.model = load_beacon_model(
+                directory,
+                device=device,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                **beacon_overrides,
+            )
+            self.model_name = str(model)
+            fingerprint = _folder_fingerprint(directory)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.tokenizer = tokenizer
+        self.beacon_config = self.model.beacon_config
+        self.ratio = ratio
+        if ratio != "auto":
+            self._check_ratio(int(ratio))
+        self.memory_budget_bytes = memory_budget_bytes
+        self.question_allowance = question_allowance
+        self.cache = cache or CondensedCache(directory=cache_dir)
+        self._fingerprint = (
+            f"{fingerprint}|{self.model.dtype}|{self.model.device.type}|"
+            f"{self.model.attn_implementation}"
+        )
+        self._lock = threading.Lock()
+        self.eos_token_ids = _eos_ids(self.model, tokenizer)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def window(self) -> int:
+        return self.beacon_config.beacon_window
+
+    @property
+    def native_context(self) -> int:
+        return max_positions(self.model.config)
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model can read at its strongest compression (the extended context)."""
+        return self._reach(max(self.beacon_config.beacon_ratio))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _reach(self, ratio: int) -> int:
+        positions, window = self.native_context, self.window
+        return (positions - window) * ratio + window if ratio > 0 else positions
+
+    def _entry_bytes(self) -> int:
+        config = self.model.config
+        heads = config.num_key_value_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        element = torch.finfo(self.model.dtype).bits // 8
+        return 2 * heads * head_dim * element * config.num_hidden_layers
+
+    def _check_ratio(self, ratio: int) -> None:
+        if ratio < 0 or (ratio > 0 and self.beacon_config.beacon_stride % ratio):
+            raise ValueError(
+                f"ratio: {ratio} must be 0 or divide the beacon window "
+                f"({self.beacon_config.beacon_stride})"
+            )
+
+    def choose_ratio(self, tokens: int) -> int:
+        """The smallest trained ratio whose condensed memory holds `tokens` (+ room to answer).
+
+        Smaller ratios keep more detail; the limit is the model's positional reach and the
+        optional memory budget. Raises DocumentTooLongError if even the largest ratio fails.
+        """
+        if self.ratio != "auto":
+            return int(self.ratio)
+        needed = tokens + self.question_allowance
+        for ratio in sorted(self.beacon_config.beacon_ratio, key=lambda r: (r == 0, r)):
+            if ratio == 0:
+                continue
+            entries = needed // ratio + self.window
+            if self._reach(ratio) < needed:
+                continue
+            if (
+                self.memory_budget_bytes
+                and entries * self._entry_bytes() > self.memory_budget_bytes
+            ):
+                continue
+            return ratio
+        if 0 in self.beacon_config.beacon_ratio and needed <= self.native_context:
+            return 0
+        raise DocumentTooLongError(
+            f"{tokens} tokens do not fit this model even at ratio "
+            f"{max(self.beacon_config.beacon_ratio)} (at most about {self.context_window} tokens"
+            + (
+                f" within the memory budget of {self.memory_budget_bytes} bytes"
+                if self.memory_budget_bytes
+                else ""
+            )
+            + ")"
+        )
+
+    def info(self, documents) -> DocumentInfo:
+        """Pages, characters, tokens, the ratio that would be used and the memory it needs."""
+        documents = as_documents(documents)
+        tokens = self.count_tokens(documents_text(documents))
+        try:
+            ratio, fits = self.choose_ratio(tokens), True
+        except DocumentTooLongError:
+            ratio, fits = max(self.beacon_config.beacon_ratio), False
+        entries = tokens // ratio if ratio else tokens
+        return DocumentInfo(
+            names=[d.name for d in documents],
+            pages=sum(d.num_pages for d in documents),
+            characters=sum(d.num_chars for d in documents),
+            tokens=tokens,
+            compression_ratio=ratio,
+            memory_entries=entries,
+            memory_bytes=entries * self._entry_bytes(),
+            fits=fits,
+        )
+
+    # ------------------------------------------------------------------ prompts
+    def _render(self, messages: list[dict[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n\n".join(lines) + "\n\nassistant:"
+
+    def _document_prompt(
+        self, document: str, turns: list[dict[str, str]], system: str | None
+    ) -> tuple[list[int], int, int]:
+        """Prompt ids, the token length of the document prefix, and the document's tokens.
+
+        The document goes at the start of the first user turn; the prompt text is tokenized as
+        two pieces split right after the document, so its tokens are identical across questions.
+        """
+        marker = "\u0000DOCUMENT_END\u0000"
+        first = dict(turns[0])
+        first["content"] = f"{document}{marker}\n\n{first['content']}"
+        messages = ([{"role": "system", "content": system}] if system else []) + [first, *turns[1:]]
+        rendered = self._render(messages)
+        head, tail = rendered.split(marker, 1)
+        head_ids = self.tokenizer.encode(head, add_special_tokens=False)
+        tail_ids = self.tokenizer.encode(tail, add_special_tokens=False)
+        document_tokens = self.count_tokens(document)
+        return head_ids + tail_ids, len(head_ids), document_tokens
+
+    # ------------------------------------------------------------------ public requests
+    def ask(self, documents, question: str, **generation: Any) -> Answer:
+        return self.stream_ask(documents, question, **generation).consume()
+
+    def stream_ask(
+        self, documents, question: str, *, on_progress: Progress | None = None, **generation: Any
+    ) -> AnswerStream:
+        if not question.strip():
+            raise ValueError("question: empty question")
+        text = documents_text(as_documents(documents))
+        turns = [{"role": "user", "content": question}]
+        return self._document_request(text, turns, QA_SYSTEM_PROMPT, on_progress, generation)
+
+    def chat(self, documents, history: list[dict[str, str]], **generation: Any) -> Answer:
+        return self.stream_chat(documents, history, **generation).consume()
+
+    def stream_chat(
+        self,
+        documents,
+        history: list[dict[str, str]],
+        *,
+        on_progress: Progress | None = None,
+        **generation: Any,
+    ) -> AnswerStream:
+        """Multi-turn chat about documents; `history` alternates user/assistant, ends with user."""
+        if not history or history[-1].get("role") != "user":
+            raise ValueError("history: must end with a user message")
+        text = documents_text(as_documents(documents))
+        return self._document_request(
+            text, list(history), QA_SYSTEM_PROMPT, on_progress, generation
+        )
+
+    def summarize(self, documents, length: str = "medium", **generation: Any) -> Answer:
+        return self.stream_summarize(documents, length, **generation).consume()
+
+    def stream_summarize(
+        self,
+        documents,
+        length: str = "medium",
+        *,
+        on_progress: Progress | None = None,
+        **generation: Any,
+    ) -> AnswerStream:
+        """One pass over the whole document; map-reduce over sections if it cannot fit at all."""
+        if length not in SUMMARY_INSTRUCTIONS:
+            raise ValueError(f"length: choose one of {', '.join(SUMMARY_INSTRUCTIONS)}")
+        instruction, budget = SUMMARY_INSTRUCTIONS[length]
+        generation.setdefault("max_new_tokens", budget)
+        documents = as_documents(documents)
+        text = documents_text(documents)
+        turns = [{"role": "user", "content": instruction}]
+        try:
+            self.choose_ratio(self.count_tokens(text))
+        except DocumentTooLongError as error:
+            return self._map_reduce_summary(documents, instruction, str(error), generation)
+        return self._document_request(text, turns, None, on_progress, generation)
+
+    def complete(self, prompt: str, **generation: Any) -> Answer:
+        return self.stream_complete(prompt, **generation).consume()
+
+    def stream_complete(
+        self, prompt: str, *, on_progress: Progress | None = None, **generation: Any
+    ) -> AnswerStream:
+        """Plain text continuation (no chat template): LangChain `LLM`, LlamaIndex `complete`."""
+        if not prompt:
+            raise ValueError("prompt: empty prompt")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self._request(
+            ids, len(ids) - self.question_allowance // 4, len(ids), on_progress, generation
+        )
+
+    def chat_messages(self, messages: list[dict[str, str]], **generation: Any) -> Answer:
+        return self.stream_chat_messages(messages, **generation).consume()
+
+    def stream_chat_messages(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        on_progress: Progress | None = None,
+        **generation: Any,
+    ) -> AnswerStream:
+        """Chat over arbitrary messages (documents inside them); long shared prefixes are cached."""
+        if not messages:
+            raise ValueError("messages: at least one message is needed")
+        ids = self.tokenizer.encode(self._render(messages), add_special_tokens=False)
+        return self._request(
+            ids, len(ids) - self.question_allowance // 4, len(ids), on_progress, generation
+        )
+
+    # ------------------------------------------------------------------ the one request path
+    def _document_request(self, text, turns, system, on_progress, generation) -> AnswerStream:
+        ids, document_end, document_tokens = self._document_prompt(text, turns, system)
+        return self._request(ids, document_end, document_tokens, on_progress, generation)
+
+    def _settings(self, generation: dict[str, Any]) -> GenerationSettings:
+        generation = dict(generation)
+        stop = generation.pop("stop", None)
+        if stop is not None:
+            generation["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
+        temperature = generation.get("temperature")
+        if temperature and "do_sample" not in generation:
+            generation["do_sample"] = True
+        generation.setdefault("eos_token_ids", self.eos_token_ids)
+        return GenerationSettings(**generation)
+
+    def _request(
+        self,
+        ids: list[int],
+        stable_length: int,
+        ratio_basis: int,
+        on_progress: Progress | None,
+        generation: dict[str, Any],
+    ) -> AnswerStream:
+        settings = self._settings(generation)
+        ratio = self.choose_ratio(ratio_basis + settings.max_new_tokens)
+        notices: list[str] = []
+        stream = AnswerStream(iter(()), notices)
+        stream._deltas = self._run(stream, ids, stable_length, ratio, settings, on_progress)
+        return stream
+
+    def _run(self, stream, ids, stable_length, ratio, settings, on_progress) -> Iterator[str]:
+        with self._lock:
+            started = time.perf_counter()
+            model, memory = self.model, self.model.memory
+            memory.config = self.beacon_config.replace(beacon_ratio_mix=f"fixed-{ratio}")
+            memory.reset()
+            cached, cut = self._prefill(ids, stable_length, ratio, on_progress)
+            prefill_done = time.perf_counter()
+            tokens: list[int] = []
+            decoder = _TextDecoder(self.tokenizer, settings.stop_strings)
+            finish = "length"
+            tail = torch.tensor([ids[cut:]])
+            decoding = dataclasses.replace(settings, stop_strings=())  # the decoder matches text
+            for token in generate_tokens(model, tail, decoding, reset=False):
+                tokens.append(token)
+                if token in settings.eos_token_ids:
+                    finish = "stop"
+                    break
+                delta, stopped = decoder.add(token)
+                if delta:
+                    yield delta
+                if stopped:
+                    finish = "stop"
+                    break
+            rest = decoder.flush()
+            if rest:
+                yield rest
+            sink, beacons, raw = memory.size()
+            stream.answer = Answer(
+                text=decoder.text,
+                finish_reason=finish,
+                prompt_tokens=len(ids),
+                completion_tokens=len(tokens),
+                compression_ratio=ratio,
+                cached_tokens=cached,
+                prefill_seconds=prefill_done - started,
+                total_seconds=time.perf_counter() - started,
+                memory_entries=sink + beacons + raw,
+                memory_bytes=memory.nbytes(),
+                notices=stream.notices,
+            )
+
+    def _prefill(self, ids, stable_length, ratio, on_progress) -> tuple[int, int]:
+        """Read the prompt up to the last window boundary before the question.
+
+        Returns (tokens restored from the cache, tokens read so far). Reading goes one window
+        at a time; a snapshot of the memory at the boundary goes into the cache.
+        """
+        config = self.beacon_config
+        window = config.beacon_window
+        cut = 0
+        if config.beacon_stride == window:  # windows only line up when they do not overlap
+            cut = max(0, min(stable_length, len(ids) - 1)) // window * window
+        header = f"{self._fingerprint}|{sorted(self.model.memory.config.to_dict().items())}"
+        candidates = prefix_digests(header, ids, window, cut) if cut else []
+        cached = (
+            self.cache.restore_longest(candidates, self.model.memory, self.model.device)
+            if cut
+            else 0
+        )
+        position = cached
+        with torch.no_grad():
+            while position < cut:
+                self.model(torch.tensor([ids[position : position + window]]), logits_to_keep=0)
+                position += window
+                if on_progress:
+                    on_progress(position, len(ids))
+        if cut > cached:
+            self.cache.store(candidates[-1][1], self.model.memory)
+        if on_progress:
+            on_progress(len(ids), len(ids))
+        return cached, cut
+
+    def _map_reduce_summary(self, documents, instruction, why, generation) -> AnswerStream:
+        """Summaries of sections that fit, then a summary of those summaries."""
+        pages = [(d.name, p) for d in documents for p in d.pages]
+        limit = self.context_window - 2 * self.question_allowance
+        sections: list[list[tuple[str, Page]]] = [[]]
+        used = 0
+        for name, page in pages:
+            size = self.count_tokens(page.text) + 8
+            if sections[-1] and used + size > limit:
+                sections.append([])
+                used = 0
+            sections[-1].append((name, page))
+            used += size
+        notice = f"{why}; summarizing in {len(sections)} sections, then combining (map-reduce)."
+        logger.info(notice)
+        partials = []
+        for section in sections:
+            text = "\n\n".join(f"[page {p.label}]\n{p.text}" for _, p in section)
+            partial = self._document_request(
+                text,
+                [{"role": "user", "content": SUMMARY_INSTRUCTIONS["medium"][0]}],
+                None,
+                None,
+                generation,
+            ).consume()
+            partials.append(partial.text)
+        combined = "\n\n".join(f"Section {i + 1}: {t}" for i, t in enumerate(partials))
+        stream = self._document_request(
+            combined, [{"role": "user", "content": instruction}], None, None, generation
+        )
+        stream.notices.append(notice)
+        return stream
+
+
+class _TextDecoder:
+    """Incremental detokenization that never emits half a character or part of a stop string."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings)
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((full.find(s) for s in self.stop_strings if s in full), default=-1)
+        if cut >= 0:
+            self.text = full[:cut]
+            return self._emit(len(self.text)), True
+        self.text = full
+        safe = len(full.rstrip("\ufffd"))
+        for stop in self.stop_strings:  # hold back a possible start of a stop string
+            for k in range(min(len(stop) - 1, len(full)), 0, -1):
+                if full.endswith(stop[:k]):
+                    safe = min(safe, len(full) - k)
+                    break
+        return self._emit(safe), False
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        delta = self.text[self.emitted : upto]
+        self.emitted = upto
+        return delta
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+
+def _eos_ids(model: BeaconForCausalLM, tokenizer) -> list[int]:
+    ids: set[int] = set()
+    for source in (model.config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return sorted(ids)
+
+
+def _folder_fingerprint(directory: Path) -> str:
+    """Identity of a model folder for cache keys: path, config and weight file sizes/mtimes."""
+    parts = [str(directory.resolve())]
+    for path in sorted(directory.glob("*.safetensors")) + [directory / "config.json"]:
+        stat = path.stat()
+        parts.append(f"{path.name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return "|".join(parts)
