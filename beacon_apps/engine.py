@@ -71,6 +71,7 @@ class Answer:
     total_seconds: float
     memory_entries: int  # KV entries per layer after the answer
     memory_bytes: int
+    token_ids: list[int] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
 
     @property
@@ -503,6 +504,7 @@ class BeaconEngine:
                 total_seconds=time.perf_counter() - started,
                 memory_entries=sink + beacons + raw,
                 memory_bytes=memory.nbytes(),
+                token_ids=tokens,
                 notices=stream.notices,
             )
 
