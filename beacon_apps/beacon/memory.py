@@ -431,6 +431,11 @@ class BeaconMemory:
 
         new_sink = min(sink_size, n_fed) if sink_changes else self.sink_length
         sink_moved = sink_changes  # sink re-set from this step's first tokens
+        if plan.closes_window:
+            device = new_keys[0].device
+            chosen = torch.tensor([i for i, x in enumerate(indicator) if x != 0], device=device)
+            # append mode with stride < window: the window's last W - S raw tokens stay raw
+            kept = torch.arange(cfg.beacon_stride, cfg.beacon_window, device=device)
         for layer, k_pre, k_rot, v in zip(
             self.layers, new_keys, new_rotated, new_values, strict=True
         ):
@@ -453,19 +458,12 @@ class BeaconMemory:
                 continue
             raw_pre = layer.raw_keys.view()
             raw_values = layer.values.view()[:, :, raw_start:]
-            chosen = torch.tensor([i for i, x in enumerate(indicator) if x != 0], dtype=torch.long)
-            # append mode with stride < window: the window's last W - S raw tokens stay raw
-            kept = torch.arange(cfg.beacon_stride, cfg.beacon_window) if keep_raw else None
-            moved_keys = raw_pre.index_select(2, chosen.to(raw_pre.device))
-            moved_values = raw_values.index_select(2, chosen.to(raw_values.device))
-            if kept is not None:
-                kept_keys = raw_pre.index_select(2, kept.to(raw_pre.device))
-                kept_values = raw_values.index_select(2, kept.to(raw_values.device))
             at = raw_start
-            layer.keys.write(at, rotate(moved_keys, torch.arange(at, at + len(chosen))))
-            layer.values.write(at, moved_values)
+            layer.keys.write(at, rotate(raw_pre[:, :, chosen], torch.arange(at, at + len(chosen))))
+            layer.values.write(at, raw_values[:, :, chosen])
             layer.raw_keys.truncate(0)
-            if kept is not None:
+            if keep_raw:
+                kept_keys, kept_values = raw_pre[:, :, kept], raw_values[:, :, kept]
                 at += len(chosen)
                 layer.keys.write(at, rotate(kept_keys, torch.arange(at, at + len(kept))))
                 layer.values.write(at, kept_values)
@@ -474,8 +472,7 @@ class BeaconMemory:
         if sink_moved:
             self.sink_length = new_sink
         if plan.closes_window:
-            moved = sum(1 for x in indicator if x != 0)
-            self.beacon_length += moved
+            self.beacon_length += len(chosen)
             self.raw_length = keep_raw
             self.window_indicator = [0] * keep_raw
             self.used_zero_ratio |= plan.beacon_size < 0
