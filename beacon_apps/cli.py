@@ -85,7 +85,7 @@ def _int(value: str, name: str) -> int:
 def _load(paths: Sequence[str]):
     from .documents import load_documents
 
-    with tqdm(desc="reading", unit="page", file=sys.stderr, leave=False) as bar:
+    with tqdm(desc="reading", unit="page", file=sys.stderr, leave=False, disable=None) as bar:
 
         def on_page(done: int, total: int) -> None:
             bar.total = total
@@ -123,7 +123,7 @@ class _CondenseBar:
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             self.bar = tqdm(
-                total=total, desc="condensing", unit="tok", file=sys.stderr, leave=False
+                total=total, desc="condensing", unit="tok", file=sys.stderr, leave=False, disable=None
             )
         self.bar.n = done
         self.bar.refresh()

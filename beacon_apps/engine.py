@@ -146,7 +146,7 @@ class DocumentInfo:
     characters: int
     tokens: int
     compression_ratio: int
-    memory_entries: int  # condensed KV entries per layer
+    memory_entries: int  # KV entries per layer at most: condensed document + one open window
     memory_bytes: int  # all layers, keys + values
     fits: bool
 
@@ -218,7 +218,7 @@ class BeaconEngine:
             self._check_ratio(int(ratio))
         self.memory_budget_bytes = memory_budget_bytes
         self.question_allowance = question_allowance
-        self.cache = cache or CondensedCache(directory=cache_dir)
+        self.cache = cache if cache is not None else CondensedCache(directory=cache_dir)
         self._fingerprint = (
             f"{fingerprint}|{self.model.dtype}|{self.model.device.type}|"
             f"{self.model.attn_implementation}"
@@ -246,6 +246,10 @@ class BeaconEngine:
     def _reach(self, ratio: int) -> int:
         positions, window = self.native_context, self.window
         return (positions - window) * ratio + window if ratio > 0 else positions
+
+    def _entries(self, tokens: int, ratio: int) -> int:
+        """KV entries per layer after reading `tokens`: condensed windows + one open window."""
+        return (-(-tokens // ratio) if ratio else tokens) + self.window
 
     def _entry_bytes(self) -> int:
         config = self.model.config
@@ -275,7 +279,7 @@ class BeaconEngine:
         for ratio in sorted(self.beacon_config.beacon_ratio, key=lambda r: (r == 0, r)):
             if ratio == 0:
                 continue
-            entries = needed // ratio + self.window
+            entries = self._entries(needed, ratio)
             if self._reach(ratio) < needed:
                 continue
             if (
@@ -305,7 +309,7 @@ class BeaconEngine:
             ratio, fits = self.choose_ratio(tokens), True
         except DocumentTooLongError:
             ratio, fits = max(self.beacon_config.beacon_ratio), False
-        entries = tokens // ratio if ratio else tokens
+        entries = self._entries(tokens, ratio)
         return DocumentInfo(
             names=[d.name for d in documents],
             pages=sum(d.num_pages for d in documents),

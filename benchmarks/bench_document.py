@@ -38,6 +38,13 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="repeated questions to time")
+    parser.add_argument(
+        "--shape",
+        choices=["qwen2-7b"],
+        default=None,
+        help="random weights with this real shape, built on --device (see bench_prefill.py); "
+        "the tiny model's tokenizer stands in for the real one",
+    )
     args = parser.parse_args()
     print("command:", " ".join(sys.argv))
 
@@ -52,7 +59,7 @@ def main() -> int:
     started = time.perf_counter()
     documents = load_documents(pdfs)
     ingest = time.perf_counter() - started
-    model = args.model
+    model, tokenizer = args.model, None
     if model is None:
         model = write_tiny_model(
             Path(tempfile.mkdtemp()) / "tiny",
@@ -60,7 +67,9 @@ def main() -> int:
             beacon_stride=256,
             max_position_embeddings=4096,
         )
-    engine = BeaconEngine(model, device=args.device)
+    if args.shape:
+        model, tokenizer = _random_shape_model(args, tiny_folder=model)
+    engine = BeaconEngine(model, tokenizer, device=args.device)
     info = engine.info(documents)
     print(
         f"document: {', '.join(info.names)}: {info.pages} pages, {info.tokens} tokens, "
@@ -97,6 +106,23 @@ def main() -> int:
         f"{first_ttft / ttft:13.1f}x {first_total / total:8.1f}x"
     )
     return 0
+
+
+def _random_shape_model(args, tiny_folder: Path):
+    """A random-weight model of a real shape (bench_prefill's builder) + the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_prefill import QWEN2_7B, RELEASED_BEACON, random_weight_models
+
+    device = torch.device(args.device or "cuda")
+    options = argparse.Namespace(attn="sdpa", shape=args.shape)
+    beacon, base, _ = random_weight_models(
+        QWEN2_7B, RELEASED_BEACON, {}, options, device, torch.bfloat16
+    )
+    del base
+    return beacon, AutoTokenizer.from_pretrained(tiny_folder)
 
 
 if __name__ == "__main__":
