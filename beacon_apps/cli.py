@@ -123,7 +123,12 @@ class _CondenseBar:
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
             self.bar = tqdm(
-                total=total, desc="condensing", unit="tok", file=sys.stderr, leave=False, disable=None
+                total=total,
+                desc="condensing",
+                unit="tok",
+                file=sys.stderr,
+                leave=False,
+                disable=None,
             )
         self.bar.n = done
         self.bar.refresh()
