@@ -3,8 +3,8 @@
 Every page keeps its number and its label (the number printed on it, from the PDF's page labels)
 so that answers can cite "[page xii]". Anything hostile or broken (an empty or truncated file, a
 password, a decompression bomb, thousands of blank pages, binary junk, a scan without a text
-layer, a page that takes minutes to parse) ends in one `DocumentError` naming the file, the
-problem and the page when known, within `IngestLimits`: never a raw traceback, never a hang.
+layer) ends in one `DocumentError` naming the file, the problem and the page when known, within
+`IngestLimits`: never a raw traceback, never a hang.
 
 No model knowledge lives here: the engine decides what fits in a context.
 """
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import ctypes
 import hashlib
 import io
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 PageHook = Callable[[int, int], None]
 """`on_page(done, total)`, called after each page is read (the CLI's tqdm, the app's progress)."""
+Fail = Callable[..., "DocumentError"]  # fail(problem, page=None): the error for this file
 
 SUPPORTED_EXTENSIONS = (
     ".pdf",
@@ -126,8 +125,9 @@ class IngestLimits:
     """PDFs only (a text file without form feeds is one page). A dense page holds about 5,000
     characters; 40x that is a bomb or generated junk."""
     max_seconds_per_file: float = 120.0
-    """pypdf reads 10-30 ms a page, so a 1000-page book takes well under a minute. Enforced even
-    inside one page: a hostile page cannot keep pypdf parsing for minutes."""
+    """pypdf reads 10-30 ms a page: a 1000-page book takes well under a minute. Checked between
+    pages; within one page pypdf's own limits (stream sizes, 2M tokens per content stream)
+    bound the work."""
     max_stream_bytes: int = 75_000_000
     """What one PDF stream may inflate to (pypdf's own default, pinned for the read so that a
     process-wide 0, meaning unlimited, cannot switch bomb protection off)."""
@@ -145,28 +145,28 @@ def load_document(
 ) -> Document:
     """Read one PDF or text file: a path, or the file's bytes (then `name` says what it is).
 
-    A file is a PDF when its first KiB has the %PDF- header (whatever its name); anything else
-    is read as text, with its encoding detected. `name` (default: the file name) is what
-    `Document.name` and every error message show, e.g. the original name of an uploaded temp file.
+    A file is a PDF when it starts with the %PDF- header, whatever its name (a file named .pdf
+    may have junk before it, as PDF readers allow); anything else is read as text, with its
+    encoding detected. `name` (default: the file name) is what `Document.name` and every error
+    message show, e.g. the original name of an uploaded temp file.
     """
     started = time.monotonic()
     data, source_text, name = _read_source(source, name, limits)
     suffix = Path(name).suffix.lower()
-    is_pdf = b"%PDF-" in data[:1024]
+    if suffix == ".pdf":
+        is_pdf = b"%PDF-" in data[:1024]
+    else:  # a text file about PDFs may quote the header; it does not start with it
+        is_pdf = data[:1024].lstrip().startswith(b"%PDF-")
     if not is_pdf and suffix == ".pdf":
         raise DocumentError(source_text, "not a PDF (it has no %PDF header)", name=name)
 
     def fail(problem: str, page: int | None = None) -> DocumentError:
         return DocumentError(source_text, problem, page, name=name)
 
-    try:
-        with _deadline(limits.max_seconds_per_file):
-            if is_pdf:
-                pages, metadata = _read_pdf(data, fail, limits, on_page)
-            else:
-                pages, metadata = _read_text(data, suffix, fail, limits, on_page)
-    except _TimeUp:
-        raise fail(f"reading took longer than {limits.max_seconds_per_file:g} s") from None
+    if is_pdf:
+        pages, metadata = _read_pdf(data, fail, limits, on_page)
+    else:
+        pages, metadata = _read_text(data, suffix, fail, limits, on_page)
     metadata = {
         "file_type": "application/pdf" if is_pdf else _TEXT_TYPES.get(suffix, "text/plain"),
         "size_bytes": len(data),
@@ -214,7 +214,8 @@ def _read_source(
     is empty or is too big before reading it all."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = name or "document"
-        data, source_text, size = bytes(source), name, len(source)
+        data, source_text = bytes(source), name
+        size = len(data)
     else:
         source_text = os.fspath(source)
         if isinstance(source_text, bytes):
@@ -243,12 +244,13 @@ def _read_source(
     if size == 0:
         raise DocumentError(source_text, "the file is empty", name=name)
     if size > limits.max_file_bytes:
-        raise DocumentError(
-            source_text,
-            f"the file is {size / 2**20:.0f} MiB; the limit is {limits.max_file_bytes / 2**20:g} MiB",
-            name=name,
-        )
+        problem = f"the file is {_size(size)}; the limit is {_size(limits.max_file_bytes)}"
+        raise DocumentError(source_text, problem, name=name)
     return data, source_text, name
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count} bytes"
 
 
 # ---------------------------------------------------------------------------------- text files
@@ -264,7 +266,7 @@ _SAMPLE = 65536
 
 
 def _read_text(
-    data: bytes, suffix: str, fail: Callable, limits: IngestLimits, on_page: PageHook | None
+    data: bytes, suffix: str, fail: Fail, limits: IngestLimits, on_page: PageHook | None
 ) -> tuple[list[Page], dict[str, Any]]:
     """Text split into pages at form feeds (as `pdftotext` writes them), else one page."""
     if len(data) > 4 * limits.max_chars:  # even at 4 bytes a character, too long
@@ -323,12 +325,13 @@ def _tidy(text: str) -> str:
 
 # ---------------------------------------------------------------------------------- PDF files
 def _read_pdf(
-    data: bytes, fail: Callable, limits: IngestLimits, on_page: PageHook | None
+    data: bytes, fail: Fail, limits: IngestLimits, on_page: PageHook | None
 ) -> tuple[list[Page], dict[str, Any]]:
     """Each page's `extract_text()`, with pypdf's stream limits pinned for the whole read."""
     import pypdf
     from pypdf.errors import DependencyError
 
+    deadline = time.monotonic() + limits.max_seconds_per_file
     with _pypdf_limits(pypdf, limits):
         try:
             reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
@@ -362,15 +365,14 @@ def _read_pdf(
         scanned = False  # a page without text that draws an image
         for index in range(total):
             number = index + 1
+            if time.monotonic() > deadline:
+                seconds = limits.max_seconds_per_file
+                raise fail(f"reading took longer than {seconds:g} s", number)  # page not read
             try:
                 page = reader.pages[index]
                 text = _tidy(page.extract_text() or "")
                 if not text and not scanned:
                     scanned = _draws_images(page)
-            except _TimeUp:
-                raise fail(
-                    f"reading took longer than {limits.max_seconds_per_file:g} s", number
-                ) from None
             except Exception as error:
                 raise fail(_pdf_problem(error, limits, "cannot extract text"), number) from None
             if len(text) > limits.max_chars_per_page:
@@ -463,44 +465,3 @@ def _pdf_info(reader: Any) -> dict[str, str]:
         return {}
     cleaned = {key: " ".join(str(value).split())[:500] for key, value in found.items() if value}
     return {key: value for key, value in cleaned.items() if value}
-
-
-# ---------------------------------------------------------------------------------- time limit
-class _TimeUp(BaseException):
-    """Raised in the reading thread when its time is up. A BaseException, so that pypdf's own
-    `except Exception` recovery code cannot swallow it."""
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the Python code of this thread with `_TimeUp` after `seconds`.
-
-    pypdf parses in pure Python and one hostile page can keep it busy for minutes, so checking
-    the clock between pages is not enough. A timer thread raises `_TimeUp` in this thread
-    (CPython's PyThreadState_SetAsyncExc): unlike signal.alarm this works in any thread, such
-    as the web app's workers. Leaving the block disarms the timer and drops an exception that
-    was raised but has not landed yet, so none escapes into the caller's later code.
-    """
-    set_async_exc = getattr(getattr(ctypes, "pythonapi", None), "PyThreadState_SetAsyncExc", None)
-    if set_async_exc is None:  # not CPython: pypdf's own limits bound each page
-        yield
-        return
-    thread = ctypes.c_ulong(threading.get_ident())
-    lock = threading.Lock()
-    armed = True
-
-    def interrupt() -> None:
-        with lock:
-            if armed:
-                set_async_exc(thread, ctypes.py_object(_TimeUp))
-
-    timer = threading.Timer(seconds, interrupt)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        with lock:
-            armed = False
-            set_async_exc(thread, None)  # NULL: clear a pending `_TimeUp`, if any

@@ -78,13 +78,26 @@ class Answer:
     def cache_hit(self) -> bool:
         return self.cached_tokens > 0
 
+    def metadata(self) -> dict[str, Any]:
+        """Every number about the answer (not its text), for adapters' response metadata."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("text", "token_ids")}
+        data["cache_hit"] = self.cache_hit
+        return data
+
 
 class AnswerStream:
-    """Text deltas as they are generated; `.answer` holds the `Answer` once iteration ends."""
+    """Text deltas as they are generated; `.answer` holds the `Answer` once iteration ends.
 
-    def __init__(self, deltas: Iterator[str], notices: list[str]):
-        self._deltas = deltas
-        self.notices = notices
+    Nothing runs until the first delta is asked for (tokenizing a book, condensing it and, for
+    map-reduce summaries, the section passes all happen inside the iteration), so async callers
+    can iterate it in a worker thread. `cancel()` may be called from any thread: the request
+    stops at the next window or token with finish_reason "cancelled" and frees the engine.
+    """
+
+    def __init__(self) -> None:
+        self._deltas: Iterator[str] = iter(())
+        self._cancelled = threading.Event()
+        self.notices: list[str] = []
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -93,7 +106,15 @@ class AnswerStream:
     def __next__(self) -> str:
         return next(self._deltas)
 
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
     def close(self) -> None:
+        """Stop from the iterating thread (or when done); other threads use `cancel()`."""
         self._deltas.close()
 
     def consume(self) -> Answer:
@@ -107,18 +128,16 @@ async def aiterate(stream: AnswerStream) -> AsyncIterator[str]:
     """Iterate a stream from async code without blocking the event loop.
 
     The model runs in a worker thread; deltas cross over through an asyncio queue. If the
-    consumer stops early, the stream is closed (which frees the engine for the next request).
+    consumer stops early (or is cancelled), the stream is cancelled at its next window or token,
+    which frees the engine for the next request.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
-    cancelled = threading.Event()
 
     def produce() -> None:
         try:
             for delta in stream:
-                if cancelled.is_set():
-                    break
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
         except BaseException as error:  # re-raised in the consumer
             loop.call_soon_threadsafe(queue.put_nowait, error)
@@ -133,7 +152,7 @@ async def aiterate(stream: AnswerStream) -> AsyncIterator[str]:
                 raise item
             yield item
     finally:
-        cancelled.set()
+        stream.cancel()
         await worker
 
 
@@ -267,21 +286,20 @@ class BeaconEngine:
                 f"({self.beacon_config.beacon_stride})"
             )
 
-    def choose_ratio(self, tokens: int) -> int:
-        """The smallest trained ratio whose condensed memory holds `tokens` (+ room to answer).
+    def choose_ratio(self, tokens: int, room: int | None = None) -> int:
+        """The smallest trained ratio whose condensed memory holds `tokens` + `room` to answer.
 
         Smaller ratios keep more detail; the limit is the model's positional reach and the
-        optional memory budget. Raises DocumentTooLongError if even the largest ratio fails.
+        optional memory budget. `room` defaults to `question_allowance`. Raises
+        DocumentTooLongError if even the largest ratio fails.
         """
         if self.ratio != "auto":
             return int(self.ratio)
-        needed = tokens + self.question_allowance
-        for ratio in sorted(self.beacon_config.beacon_ratio, key=lambda r: (r == 0, r)):
-            if ratio == 0:
-                continue
-            entries = self._entries(needed, ratio)
+        needed = tokens + (self.question_allowance if room is None else room)
+        for ratio in sorted(r for r in self.beacon_config.beacon_ratio if r > 0):
             if self._reach(ratio) < needed:
                 continue
+            entries = self._entries(needed, ratio)
             if (
                 self.memory_budget_bytes
                 and entries * self._entry_bytes() > self.memory_budget_bytes
@@ -290,23 +308,33 @@ class BeaconEngine:
             return ratio
         if 0 in self.beacon_config.beacon_ratio and needed <= self.native_context:
             return 0
+        budget = (
+            f" within the memory budget of {self.memory_budget_bytes} bytes"
+            if self.memory_budget_bytes
+            else ""
+        )
         raise DocumentTooLongError(
             f"{tokens} tokens do not fit this model even at ratio "
-            f"{max(self.beacon_config.beacon_ratio)} (at most about {self.context_window} tokens"
-            + (
-                f" within the memory budget of {self.memory_budget_bytes} bytes"
-                if self.memory_budget_bytes
-                else ""
-            )
-            + ")"
+            f"{max(self.beacon_config.beacon_ratio)} (at most about "
+            f"{self.max_prompt_tokens(room or 0)} tokens{budget})"
         )
 
-    def info(self, documents) -> DocumentInfo:
+    def max_prompt_tokens(self, max_new_tokens: int = 0) -> int:
+        """The longest prompt that leaves room for `max_new_tokens` (what adapters advertise)."""
+        return self.context_window - max_new_tokens
+
+    def _resolve_ratio(self, ratio: int | str | None, tokens: int, room: int | None = None) -> int:
+        if ratio is None or ratio == "auto":
+            return self.choose_ratio(tokens, room)
+        self._check_ratio(int(ratio))
+        return int(ratio)
+
+    def info(self, documents, *, ratio: int | str | None = None) -> DocumentInfo:
         """Pages, characters, tokens, the ratio that would be used and the memory it needs."""
         documents = as_documents(documents)
         tokens = self.count_tokens(documents_text(documents))
         try:
-            ratio, fits = self.choose_ratio(tokens), True
+            ratio, fits = self._resolve_ratio(ratio, tokens), True
         except DocumentTooLongError:
             ratio, fits = max(self.beacon_config.beacon_ratio), False
         entries = self._entries(tokens, ratio)
@@ -322,13 +350,17 @@ class BeaconEngine:
         )
 
     # ------------------------------------------------------------------ prompts
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def render_messages(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text for chat messages (the model's chat template, ready to answer)."""
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=True
             )
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n\n".join(lines) + "\n\nassistant:"
+
+    def count_message_tokens(self, messages: list[dict[str, str]]) -> int:
+        return self.count_tokens(self.render_messages(messages))
 
     def _document_prompt(
         self, document: str, turns: list[dict[str, str]], system: str | None
@@ -342,25 +374,29 @@ class BeaconEngine:
         first = dict(turns[0])
         first["content"] = f"{document}{marker}\n\n{first['content']}"
         messages = ([{"role": "system", "content": system}] if system else []) + [first, *turns[1:]]
-        rendered = self._render(messages)
-        head, tail = rendered.split(marker, 1)
+        head, tail = self.render_messages(messages).split(marker, 1)
         head_ids = self.tokenizer.encode(head, add_special_tokens=False)
         tail_ids = self.tokenizer.encode(tail, add_special_tokens=False)
-        document_tokens = self.count_tokens(document)
-        return head_ids + tail_ids, len(head_ids), document_tokens
+        return head_ids + tail_ids, len(head_ids), self.count_tokens(document)
 
     # ------------------------------------------------------------------ public requests
     def ask(self, documents, question: str, **generation: Any) -> Answer:
         return self.stream_ask(documents, question, **generation).consume()
 
     def stream_ask(
-        self, documents, question: str, *, on_progress: Progress | None = None, **generation: Any
+        self,
+        documents,
+        question: str,
+        *,
+        on_progress: Progress | None = None,
+        ratio: int | str | None = None,
+        **generation: Any,
     ) -> AnswerStream:
+        """Answer `question` from the whole of `documents` (Document objects or paths)."""
         if not question.strip():
             raise ValueError("question: empty question")
-        text = documents_text(as_documents(documents))
         turns = [{"role": "user", "content": question}]
-        return self._document_request(text, turns, QA_SYSTEM_PROMPT, on_progress, generation)
+        return self._document_stream(documents, turns, on_progress, ratio, generation)
 
     def chat(self, documents, history: list[dict[str, str]], **generation: Any) -> Answer:
         return self.stream_chat(documents, history, **generation).consume()
@@ -371,15 +407,13 @@ class BeaconEngine:
         history: list[dict[str, str]],
         *,
         on_progress: Progress | None = None,
+        ratio: int | str | None = None,
         **generation: Any,
     ) -> AnswerStream:
         """Multi-turn chat about documents; `history` alternates user/assistant, ends with user."""
         if not history or history[-1].get("role") != "user":
             raise ValueError("history: must end with a user message")
-        text = documents_text(as_documents(documents))
-        return self._document_request(
-            text, list(history), QA_SYSTEM_PROMPT, on_progress, generation
-        )
+        return self._document_stream(documents, list(history), on_progress, ratio, generation)
 
     def summarize(self, documents, length: str = "medium", **generation: Any) -> Answer:
         return self.stream_summarize(documents, length, **generation).consume()
@@ -390,35 +424,59 @@ class BeaconEngine:
         length: str = "medium",
         *,
         on_progress: Progress | None = None,
+        ratio: int | str | None = None,
         **generation: Any,
     ) -> AnswerStream:
-        """One pass over the whole document; map-reduce over sections if it cannot fit at all."""
+        """One pass over the whole document; map-reduce over sections if it cannot fit at all.
+
+        The prompt starts like a question's (same system prompt, document first), so a
+        document condensed for questions is reused for its summary and the other way round.
+        """
         if length not in SUMMARY_INSTRUCTIONS:
             raise ValueError(f"length: choose one of {', '.join(SUMMARY_INSTRUCTIONS)}")
         instruction, budget = SUMMARY_INSTRUCTIONS[length]
         generation.setdefault("max_new_tokens", budget)
-        documents = as_documents(documents)
-        text = documents_text(documents)
-        turns = [{"role": "user", "content": instruction}]
-        try:
-            self.choose_ratio(self.count_tokens(text))
-        except DocumentTooLongError as error:
-            return self._map_reduce_summary(documents, instruction, str(error), generation)
-        return self._document_request(text, turns, None, on_progress, generation)
+        settings = self._settings(generation)
+        stream = AnswerStream()
+        stream._deltas = self._summary_deltas(
+            stream, documents, instruction, settings, on_progress, ratio
+        )
+        return stream
+
+    def condense(
+        self, documents, *, on_progress: Progress | None = None, ratio: int | str | None = None
+    ) -> Answer:
+        """Read documents into the cache without answering (the app's upload step).
+
+        A later question about them restores the condensed prefix. The returned Answer has
+        no text; its numbers say what condensing took.
+        """
+        turns = [{"role": "user", "content": ""}]
+        stream = self._document_stream(
+            documents, turns, on_progress, ratio, {"max_new_tokens": 1}, generate=False
+        )
+        return stream.consume()
 
     def complete(self, prompt: str, **generation: Any) -> Answer:
         return self.stream_complete(prompt, **generation).consume()
 
     def stream_complete(
-        self, prompt: str, *, on_progress: Progress | None = None, **generation: Any
+        self,
+        prompt: str,
+        *,
+        on_progress: Progress | None = None,
+        ratio: int | str | None = None,
+        **generation: Any,
     ) -> AnswerStream:
         """Plain text continuation (no chat template): LangChain `LLM`, LlamaIndex `complete`."""
         if not prompt:
             raise ValueError("prompt: empty prompt")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self._request(
-            ids, len(ids) - self.question_allowance // 4, len(ids), on_progress, generation
-        )
+
+        def build():
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            return ids, len(ids) - self.question_allowance // 4, len(ids)
+
+        return self._stream(build, on_progress, ratio, generation, room_is_answer=True)
 
     def chat_messages(self, messages: list[dict[str, str]], **generation: Any) -> Answer:
         return self.stream_chat_messages(messages, **generation).consume()
@@ -428,20 +486,28 @@ class BeaconEngine:
         messages: list[dict[str, str]],
         *,
         on_progress: Progress | None = None,
+        ratio: int | str | None = None,
         **generation: Any,
     ) -> AnswerStream:
         """Chat over arbitrary messages (documents inside them); long shared prefixes are cached."""
         if not messages:
             raise ValueError("messages: at least one message is needed")
-        ids = self.tokenizer.encode(self._render(messages), add_special_tokens=False)
-        return self._request(
-            ids, len(ids) - self.question_allowance // 4, len(ids), on_progress, generation
-        )
+
+        def build():
+            ids = self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False)
+            return ids, len(ids) - self.question_allowance // 4, len(ids)
+
+        return self._stream(build, on_progress, ratio, generation, room_is_answer=True)
 
     # ------------------------------------------------------------------ the one request path
-    def _document_request(self, text, turns, system, on_progress, generation) -> AnswerStream:
-        ids, document_end, document_tokens = self._document_prompt(text, turns, system)
-        return self._request(ids, document_end, document_tokens, on_progress, generation)
+    def _document_stream(
+        self, documents, turns, on_progress, ratio, generation, generate: bool = True
+    ) -> AnswerStream:
+        def build():
+            text = documents_text(as_documents(documents))
+            return self._document_prompt(text, turns, QA_SYSTEM_PROMPT)
+
+        return self._stream(build, on_progress, ratio, generation, generate=generate)
 
     def _settings(self, generation: dict[str, Any]) -> GenerationSettings:
         generation = dict(generation)
@@ -452,50 +518,84 @@ class BeaconEngine:
         if temperature and "do_sample" not in generation:
             generation["do_sample"] = True
         generation.setdefault("eos_token_ids", self.eos_token_ids)
-        return GenerationSettings(**generation)
+        known = {f.name for f in dataclasses.fields(GenerationSettings)} | {"timeout"}
+        unknown = sorted(set(generation) - known)
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]}: not a generation setting; known: {', '.join(sorted(known))}"
+            )
+        return GenerationSettings(**{k: v for k, v in generation.items() if k != "timeout"})
 
-    def _request(
+    def _stream(
         self,
-        ids: list[int],
-        stable_length: int,
-        ratio_basis: int,
+        build: Callable[[], tuple[list[int], int, int]],
         on_progress: Progress | None,
+        ratio: int | str | None,
         generation: dict[str, Any],
+        *,
+        generate: bool = True,
+        room_is_answer: bool = False,
     ) -> AnswerStream:
+        """A lazy stream for the prompt `build()` returns: (ids, stable length, ratio basis)."""
         settings = self._settings(generation)
-        ratio = self.choose_ratio(ratio_basis + settings.max_new_tokens)
-        notices: list[str] = []
-        stream = AnswerStream(iter(()), notices)
-        stream._deltas = self._run(stream, ids, stable_length, ratio, settings, on_progress)
+        timeout = generation.get("timeout")
+        stream = AnswerStream()
+
+        def deltas() -> Iterator[str]:
+            ids, stable, basis = build()
+            room = settings.max_new_tokens if room_is_answer else None
+            pinned = self._resolve_ratio(ratio, basis, room)
+            deadline = time.monotonic() + timeout if timeout else None
+            yield from self._run(
+                stream, ids, stable, pinned, settings, on_progress, deadline, generate
+            )
+
+        stream._deltas = deltas()
         return stream
 
-    def _run(self, stream, ids, stable_length, ratio, settings, on_progress) -> Iterator[str]:
+    def _check(self, stream: AnswerStream, deadline: float | None) -> bool:
+        """True if the request must stop now (cancelled); raises when past its deadline."""
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the request took longer than its timeout")
+        return stream.cancelled
+
+    def _run(
+        self, stream, ids, stable_length, ratio, settings, on_progress, deadline, generate
+    ) -> Iterator[str]:
         with self._lock:
             started = time.perf_counter()
             model, memory = self.model, self.model.memory
             memory.config = self.beacon_config.replace(beacon_ratio_mix=f"fixed-{ratio}")
             memory.reset()
-            cached, cut = self._prefill(ids, stable_length, ratio, on_progress)
+            cached, position = self._prefill(stream, ids, stable_length, on_progress, deadline)
             prefill_done = time.perf_counter()
             tokens: list[int] = []
             decoder = _TextDecoder(self.tokenizer, settings.stop_strings)
             finish = "length"
-            tail = torch.tensor([ids[cut:]])
-            decoding = dataclasses.replace(settings, stop_strings=())  # the decoder matches text
-            for token in generate_tokens(model, tail, decoding, reset=False):
-                tokens.append(token)
-                if token in settings.eos_token_ids:
-                    finish = "stop"
-                    break
-                delta, stopped = decoder.add(token)
-                if delta:
-                    yield delta
-                if stopped:
-                    finish = "stop"
-                    break
-            rest = decoder.flush()
-            if rest:
-                yield rest
+            if stream.cancelled:
+                finish = "cancelled"
+            elif generate:
+                tail = torch.tensor([ids[position:]])
+                decoding = dataclasses.replace(
+                    settings, stop_strings=()
+                )  # the decoder matches text
+                for token in generate_tokens(model, tail, decoding, reset=False):
+                    tokens.append(token)
+                    if token in settings.eos_token_ids:
+                        finish = "stop"
+                        break
+                    delta, stopped = decoder.add(token)
+                    if delta:
+                        yield delta
+                    if stopped:
+                        finish = "stop"
+                        break
+                    if self._check(stream, deadline):
+                        finish = "cancelled"
+                        break
+                rest = decoder.flush()
+                if rest:
+                    yield rest
             sink, beacons, raw = memory.size()
             stream.answer = Answer(
                 text=decoder.text,
@@ -512,69 +612,102 @@ class BeaconEngine:
                 notices=stream.notices,
             )
 
-    def _prefill(self, ids, stable_length, ratio, on_progress) -> tuple[int, int]:
-        """Read the prompt up to the last window boundary before the question.
+    def _prefill(self, stream, ids, stable_length, on_progress, deadline) -> tuple[int, int]:
+        """Read the prompt window by window up to the last window boundary before its end.
 
-        Returns (tokens restored from the cache, tokens read so far). Reading goes one window
-        at a time; a snapshot of the memory at the boundary goes into the cache.
+        The longest cached window-aligned prefix is restored first. A snapshot is stored at the
+        last boundary before the question (`stable_length`), where the next question about
+        the same document will find it. Returns (tokens restored from the cache, tokens read).
         """
         config = self.beacon_config
         window = config.beacon_window
-        cut = 0
-        if config.beacon_stride == window:  # windows only line up when they do not overlap
-            cut = max(0, min(stable_length, len(ids) - 1)) // window * window
+        if config.beacon_stride != window:  # windows only line up when they do not overlap
+            return 0, 0
+        end = (len(ids) - 1) // window * window
+        store_at = min(end, max(0, stable_length) // window * window)
         header = f"{self._fingerprint}|{sorted(self.model.memory.config.to_dict().items())}"
-        candidates = prefix_digests(header, ids, window, cut) if cut else []
+        candidates = prefix_digests(header, ids, window, end) if end else []
         cached = (
             self.cache.restore_longest(candidates, self.model.memory, self.model.device)
-            if cut
+            if end
             else 0
         )
         position = cached
         with torch.no_grad():
-            while position < cut:
+            while position < end:
+                if self._check(stream, deadline):
+                    return cached, position
                 self.model(torch.tensor([ids[position : position + window]]), logits_to_keep=0)
                 position += window
+                if position == store_at and store_at > cached:
+                    self.cache.store(candidates[store_at // window - 1][1], self.model.memory)
                 if on_progress:
                     on_progress(position, len(ids))
-        if cut > cached:
-            self.cache.store(candidates[-1][1], self.model.memory)
         if on_progress:
             on_progress(len(ids), len(ids))
-        return cached, cut
+        return cached, position
 
-    def _map_reduce_summary(self, documents, instruction, why, generation) -> AnswerStream:
-        """Summaries of sections that fit, then a summary of those summaries."""
-        pages = [(d.name, p) for d in documents for p in d.pages]
+    def _summary_deltas(self, stream, documents, instruction, settings, on_progress, ratio):
+        """The whole document in one pass, or (if it cannot fit) sections, then their summary."""
+        documents = as_documents(documents)
+        text = documents_text(documents)
+        turns = [{"role": "user", "content": instruction}]
+        generation = dataclasses.asdict(settings)
+        try:
+            self._resolve_ratio(ratio, self.count_tokens(text))
+        except DocumentTooLongError as error:
+            yield from self._map_reduce(
+                stream, documents, instruction, str(error), generation, on_progress
+            )
+            return
+        inner = self._document_stream(documents, turns, on_progress, ratio, generation)
+        yield from self._follow(stream, inner)
+
+    def _follow(self, outer: AnswerStream, inner: AnswerStream) -> Iterator[str]:
+        """Relay `inner`'s deltas, answer and cancellation through `outer`."""
+        inner._cancelled = outer._cancelled
+        try:
+            yield from inner
+        finally:
+            inner.close()
+        if inner.answer is not None:
+            inner.answer.notices = outer.notices
+        outer.answer = inner.answer
+
+    def _map_reduce(self, stream, documents, instruction, why, generation, on_progress):
+        pages = [p for d in documents for p in d.pages]
         limit = self.context_window - 2 * self.question_allowance
-        sections: list[list[tuple[str, Page]]] = [[]]
+        sections: list[list[Page]] = [[]]
         used = 0
-        for name, page in pages:
+        for page in pages:
             size = self.count_tokens(page.text) + 8
             if sections[-1] and used + size > limit:
                 sections.append([])
                 used = 0
-            sections[-1].append((name, page))
+            sections[-1].append(page)
             used += size
         notice = f"{why}; summarizing in {len(sections)} sections, then combining (map-reduce)."
         logger.info(notice)
-        partials = []
-        for section in sections:
-            text = "\n\n".join(f"[page {p.label}]\n{p.text}" for _, p in section)
-            partial = self._document_request(
-                text,
-                [{"role": "user", "content": SUMMARY_INSTRUCTIONS["medium"][0]}],
-                None,
-                None,
-                generation,
-            ).consume()
-            partials.append(partial.text)
-        combined = "\n\n".join(f"Section {i + 1}: {t}" for i, t in enumerate(partials))
-        stream = self._document_request(
-            combined, [{"role": "user", "content": instruction}], None, None, generation
-        )
         stream.notices.append(notice)
-        return stream
+        partials = []
+        section_prompt = [{"role": "user", "content": SUMMARY_INSTRUCTIONS["medium"][0]}]
+        for number, section in enumerate(sections, start=1):
+            part = Document(f"section {number}", f"section {number}", section, {})
+            inner = self._document_stream([part], section_prompt, on_progress, None, generation)
+            inner._cancelled = stream._cancelled
+            answer = inner.consume()
+            if answer.finish_reason == "cancelled":
+                stream.answer = answer
+                return
+            partials.append(answer.text)
+        combined = text_document(
+            "\n\n".join(f"Section {i + 1}: {t}" for i, t in enumerate(partials)),
+            "section summaries",
+        )
+        final = [{"role": "user", "content": instruction}]
+        yield from self._follow(
+            stream, self._document_stream([combined], final, on_progress, None, generation)
+        )
 
 
 class _TextDecoder:

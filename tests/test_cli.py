@@ -22,7 +22,9 @@ def document(tmp_path) -> Path:
     from pdf_factory import make_pdf
 
     path = tmp_path / "notes.pdf"
-    make_pdf(path, [f"Page {i} of the notes talks about topic number {i}. " * 6 for i in range(1, 6)])
+    make_pdf(
+        path, [f"Page {i} of the notes talks about topic number {i}. " * 6 for i in range(1, 6)]
+    )
     return path
 
 
@@ -39,7 +41,14 @@ def test_info_prints_the_numbers(capsys, model_dir, document, tmp_path):
 
 
 def test_ask_streams_an_answer_and_reuses_the_disk_cache(capsys, model_dir, document, tmp_path):
-    args = ["--model", str(model_dir), "--cache-dir", str(tmp_path / "cache"), "--max-new-tokens", "8"]
+    args = [
+        "--model",
+        str(model_dir),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-new-tokens",
+        "8",
+    ]
     code, out, err = run(capsys, "ask", str(document), "What is page 2 about?", *args)
     assert code == 0 and out.endswith("\n") and "Traceback" not in err
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
@@ -56,7 +65,16 @@ def test_summarize(capsys, model_dir, document):
 def test_chat_reads_questions_until_an_empty_line(monkeypatch, capsys, model_dir, document):
     answers = iter(["What is page 1 about?", "And page 3?", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    code, out, _ = run(capsys, "chat", str(document), "--model", str(model_dir), "--no-cache", "--max-new-tokens", "4")
+    code, out, _ = run(
+        capsys,
+        "chat",
+        str(document),
+        "--model",
+        str(model_dir),
+        "--no-cache",
+        "--max-new-tokens",
+        "4",
+    )
     assert code == 0 and out.count("beacon> ") == 2
 
 
@@ -80,7 +98,9 @@ def test_errors_are_one_line_with_exit_code_2(capsys, model_dir, document, argv,
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("beacon-apps: ")
 
 
-def test_offline_default_model_says_how_to_point_at_a_folder(capsys, document, monkeypatch, tmp_path):
+def test_offline_default_model_says_how_to_point_at_a_folder(
+    capsys, document, monkeypatch, tmp_path
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("BEACON_APPS_MODEL", raising=False)
@@ -91,7 +111,16 @@ def test_offline_default_model_says_how_to_point_at_a_folder(capsys, document, m
 
 def test_console_script_entry_point(model_dir, document):
     result = subprocess.run(
-        [sys.executable, "-m", "beacon_apps.cli", "info", str(document), "--model", str(model_dir), "--no-cache"],
+        [
+            sys.executable,
+            "-m",
+            "beacon_apps.cli",
+            "info",
+            str(document),
+            "--model",
+            str(model_dir),
+            "--no-cache",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

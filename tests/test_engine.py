@@ -104,10 +104,17 @@ def test_disk_cache_survives_restart_and_rejects_corruption(model_dir, book, tmp
     rebuilt = rebuilt_engine.ask(book, question, max_new_tokens=16)
     assert rebuilt.cached_tokens == 0  # the corrupt file was not trusted
     assert rebuilt.token_ids == original.token_ids
-    assert BeaconEngine(model_dir, cache_dir=tmp_path).ask(book, question, max_new_tokens=16).cache_hit
+    assert (
+        BeaconEngine(model_dir, cache_dir=tmp_path).ask(book, question, max_new_tokens=16).cache_hit
+    )
 
     files[0].write_bytes(b"not a safetensors file")
-    assert BeaconEngine(model_dir, cache_dir=tmp_path).ask(book, question, max_new_tokens=16).cached_tokens == 0
+    assert (
+        BeaconEngine(model_dir, cache_dir=tmp_path)
+        .ask(book, question, max_new_tokens=16)
+        .cached_tokens
+        == 0
+    )
 
 
 def test_memory_cache_is_bounded_in_bytes(model_dir):
@@ -140,7 +147,9 @@ def test_ratio_is_chosen_per_document_and_pinned(engine, book, model_dir):
     assert tight.info(book).compression_ratio > long_info.compression_ratio
     assert tight.info(book).memory_bytes <= budget
     # a fixed ratio is used as given
-    assert fresh_engine(model_dir, ratio=8).ask(book, "Why?", max_new_tokens=2).compression_ratio == 8
+    assert (
+        fresh_engine(model_dir, ratio=8).ask(book, "Why?", max_new_tokens=2).compression_ratio == 8
+    )
     with pytest.raises(ValueError, match="ratio"):
         fresh_engine(model_dir, ratio=3)
 
@@ -157,9 +166,9 @@ def test_too_long_document_is_refused_for_questions_and_map_reduced_for_summarie
 
 
 def test_prompt_carries_page_markers_and_the_chat_template(engine, book):
-    ids, document_end, _ = engine._document_prompt(documents_text([book]), [
-        {"role": "user", "content": "Q?"}
-    ], "SYSTEM")
+    ids, document_end, _ = engine._document_prompt(
+        documents_text([book]), [{"role": "user", "content": "Q?"}], "SYSTEM"
+    )
     text = engine.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nSYSTEM<|im_end|>")
     assert "[page 1]" in text and "[page 12]" in text and "[document: book.txt]" in text

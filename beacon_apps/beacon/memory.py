@@ -346,8 +346,11 @@ class BeaconMemory:
         labels = None
         if self.labels is not None:
             labels = torch.full_like(ids, IGNORE_INDEX)
-            first_masked = self.step_index == 0 and not (
-                cfg.beacon_pos == "interleave" and cfg.beacon_attn == "full-coverage"
+            # Training only: the first window has nothing condensed before it to learn from.
+            first_masked = (
+                self.training
+                and self.step_index == 0
+                and not (cfg.beacon_pos == "interleave" and cfg.beacon_attn == "full-coverage")
             )
             if not first_masked:
                 labels[:, ~is_beacon] = self.labels[:, self.end : end]
@@ -433,7 +436,9 @@ class BeaconMemory:
         sink_moved = sink_changes  # sink re-set from this step's first tokens
         if plan.closes_window:
             device = new_keys[0].device
-            chosen = torch.tensor([i for i, x in enumerate(indicator) if x != 0], device=device)
+            chosen = torch.tensor(
+                [i for i, x in enumerate(indicator) if x != 0], dtype=torch.long, device=device
+            )
             # append mode with stride < window: the window's last W - S raw tokens stay raw
             kept = torch.arange(cfg.beacon_stride, cfg.beacon_window, device=device)
         for layer, k_pre, k_rot, v in zip(
