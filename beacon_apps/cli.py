@@ -27,12 +27,11 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------- shared options
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    from .engine import DEFAULT_MODEL
-
     parser.add_argument(
         "--model",
-        default=os.environ.get("BEACON_APPS_MODEL", DEFAULT_MODEL),
-        help="hub id or local folder of a beacon checkpoint (env BEACON_APPS_MODEL)",
+        default=None,
+        help="hub id or local folder of a beacon checkpoint (default: $BEACON_APPS_MODEL, else "
+        "the released 7B model, else offline the bundled demo model, which `demo` names)",
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument(
@@ -162,7 +161,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     *files, question = args.inputs
     documents = _load(files)
     engine = _engine(args)
-    stream = engine.stream_ask(documents, question, on_progress=_CondenseBar(), **_generation(args))
+    plan = "question" if args.question_aware else "uniform"
+    stream = engine.stream_ask(
+        documents, question, on_progress=_CondenseBar(), ratio_plan=plan, **_generation(args)
+    )
     _stream_to_stdout(stream)
     return 0
 
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("inputs", nargs="+", metavar="FILE... QUESTION")
     _add_model_options(ask)
     _add_generation_options(ask)
+    ask.add_argument(
+        "--question-aware",
+        action="store_true",
+        help="condense the parts most relevant to the question least, the rest hard, at the same "
+        "overall compression (not cached)",
+    )
     ask.set_defaults(run=cmd_ask)
 
     summarize = commands.add_parser("summarize", help="summarize documents")
@@ -296,6 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 
+        # pypdf warns about each malformed object it repairs, often many times per file; our
+        # ingestion reports what matters (a page it cannot read is an error naming the page).
+        # -v shows pypdf's warnings.
+        logging.getLogger("pypdf").setLevel(logging.ERROR)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:

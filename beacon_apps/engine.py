@@ -17,6 +17,7 @@ and none of them touches the model. The engine owns:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,13 +31,15 @@ from typing import Any
 import torch
 
 from .beacon import GenerationSettings, generate_tokens, load_beacon_model, resolve_model_dir
+from .beacon.generation import IncrementalDecoder
 from .beacon.model import BeaconForCausalLM, max_positions
 from .cache import CondensedCache, prefix_digests
+from .default_model import default_model, resolve_alias
 from .documents import Document, Page, documents_text, load_documents
+from .ratio_plan import question_schedule as plan_schedule
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "namespace-Pt/beacon-qwen-2-7b-instruct"
 QA_SYSTEM_PROMPT = (
     "You answer questions about the document the user gives you. Use only the document. "
     "Cite the pages you rely on as [page N]. If the document does not say, answer that it "
@@ -51,10 +54,21 @@ SUMMARY_INSTRUCTIONS = {
     ),
 }
 Progress = Callable[[int, int], None]
+# A prompt (not a document) is cached up to this many tokens before its end: room for the next
+# question, so a follow-up that shares the prefix finds the condensed document.
+FOLLOW_UP_SLACK = 256
 
 
 class DocumentTooLongError(ValueError):
-    """The document does not fit the model even at its strongest compression."""
+    """The document does not fit the model at the ratio it must use (or even at the strongest).
+
+    `tokens` is its length, `ratio` the ratio tried last, `limit` the most tokens that fit there
+    (the model's reach and memory budget, less the room kept for the question and answer).
+    """
+
+    def __init__(self, message: str, *, tokens: int = 0, ratio: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.tokens, self.ratio, self.limit = tokens, ratio, limit
 
 
 @dataclass
@@ -62,7 +76,8 @@ class Answer:
     """A finished answer with what it cost; front ends show these numbers."""
 
     text: str
-    finish_reason: str  # "stop" (eos or stop string) or "length"
+    # "stop" (eos or stop string), "length", "cancelled"; "condensed" from condense()
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     compression_ratio: int
@@ -73,6 +88,8 @@ class Answer:
     memory_bytes: int
     token_ids: list[int] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    ratio_plan: str = "uniform"  # "question": windows condensed by relevance to the question
+    window_ratios: list[int] = field(default_factory=list)  # question plan: ratio of each window
 
     @property
     def cache_hit(self) -> bool:
@@ -194,7 +211,7 @@ class BeaconEngine:
 
     def __init__(
         self,
-        model: str | os.PathLike | BeaconForCausalLM = DEFAULT_MODEL,
+        model: str | os.PathLike | BeaconForCausalLM | None = None,
         tokenizer: Any = None,
         *,
         device: str | None = None,
@@ -204,9 +221,13 @@ class BeaconEngine:
         memory_budget_bytes: int | None = None,
         cache: CondensedCache | None = None,
         cache_dir: str | os.PathLike | None = None,
-        question_allowance: int = 1024,
+        question_allowance: int | None = None,
         **beacon_overrides: Any,
     ) -> None:
+        if model is None:  # the released model, or offline the bundled demo model
+            model = default_model()
+        elif not isinstance(model, BeaconForCausalLM):
+            model = resolve_alias(model)
         if isinstance(model, BeaconForCausalLM):
             if tokenizer is None:
                 raise ValueError("tokenizer: give the tokenizer that goes with the model object")
@@ -236,6 +257,11 @@ class BeaconEngine:
         if ratio != "auto":
             self._check_ratio(int(ratio))
         self.memory_budget_bytes = memory_budget_bytes
+        # Tokens kept free after a document for the question and the answer, so the ratio (and
+        # the cached condensed document) depends on the document alone. Default: 1024, or half
+        # the native window of a small model, where 1024 raw tokens would force a harder ratio.
+        if question_allowance is None:
+            question_allowance = min(1024, max_positions(self.model.config) // 2)
         self.question_allowance = question_allowance
         self.cache = cache if cache is not None else CondensedCache(directory=cache_dir)
         self._fingerprint = (
@@ -256,8 +282,22 @@ class BeaconEngine:
 
     @property
     def context_window(self) -> int:
-        """Tokens the model can read at its strongest compression (the extended context)."""
-        return self._reach(max(self.beacon_config.beacon_ratio))
+        """Tokens the model can read (the extended context), within the memory budget if set.
+
+        At the fixed ratio when there is one (the engine's `ratio`, or the model's
+        `beacon_ratio_mix = fixed-N`), else at the strongest trained compression.
+        """
+        fixed = self.fixed_ratio
+        if fixed is not None:
+            return self._capacity(fixed)
+        return max(self._capacity(r) for r in self.beacon_config.beacon_ratio)
+
+    @property
+    def fixed_ratio(self) -> int | None:
+        """The ratio every request uses: the engine's `ratio`, else the model's `fixed-N` mix."""
+        if self.ratio != "auto":
+            return int(self.ratio)
+        return self.beacon_config.fixed_ratio
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -269,6 +309,17 @@ class BeaconEngine:
     def _entries(self, tokens: int, ratio: int) -> int:
         """KV entries per layer after reading `tokens`: condensed windows + one open window."""
         return (-(-tokens // ratio) if ratio else tokens) + self.window
+
+    def _capacity(self, ratio: int) -> int:
+        """The most tokens readable at `ratio`: the model's reach, and the memory budget if set.
+
+        Exactly the largest `t` with `t <= reach` and `_entries(t, ratio)` within the budget.
+        """
+        capacity = self._reach(ratio)
+        if self.memory_budget_bytes:
+            entries = self.memory_budget_bytes // self._entry_bytes() - self.window
+            capacity = min(capacity, entries * ratio if ratio > 0 else entries)
+        return max(0, capacity)
 
     def _entry_bytes(self) -> int:
         config = self.model.config
@@ -286,57 +337,97 @@ class BeaconEngine:
                 f"({self.beacon_config.beacon_stride})"
             )
 
-    def choose_ratio(self, tokens: int, room: int | None = None) -> int:
+    def choose_ratio(self, tokens: int, room: int | None = None, subject: str | None = None) -> int:
         """The smallest trained ratio whose condensed memory holds `tokens` + `room` to answer.
 
         Smaller ratios keep more detail; the limit is the model's positional reach and the
-        optional memory budget. `room` defaults to `question_allowance`. Raises
-        DocumentTooLongError if even the largest ratio fails.
+        optional memory budget. `room` defaults to `question_allowance`. A fixed ratio (see
+        `fixed_ratio`) is the only candidate. Raises DocumentTooLongError (naming `subject`,
+        the documents, if given) if no candidate fits.
         """
-        if self.ratio != "auto":
-            return int(self.ratio)
-        needed = tokens + (self.question_allowance if room is None else room)
-        for ratio in sorted(r for r in self.beacon_config.beacon_ratio if r > 0):
-            if self._reach(ratio) < needed:
-                continue
-            entries = self._entries(needed, ratio)
-            if (
-                self.memory_budget_bytes
-                and entries * self._entry_bytes() > self.memory_budget_bytes
-            ):
-                continue
-            return ratio
-        if 0 in self.beacon_config.beacon_ratio and needed <= self.native_context:
-            return 0
-        budget = (
-            f" within the memory budget of {self.memory_budget_bytes} bytes"
-            if self.memory_budget_bytes
-            else ""
-        )
+        return self._fitting_ratio(tokens, room, self.fixed_ratio, subject)
+
+    def _fitting_ratio(
+        self, tokens: int, room: int | None, fixed: int | None, subject: str | None
+    ) -> int:
+        room = self.question_allowance if room is None else room
+        ratios = self.beacon_config.beacon_ratio
+        if fixed is not None:
+            candidates = [fixed]
+        else:
+            candidates = sorted(r for r in ratios if r > 0) + ([0] if 0 in ratios else [])
+        for ratio in candidates:
+            if tokens + room <= self._capacity(ratio):
+                return ratio
+        ratio = candidates[-1] if fixed is not None else max(ratios)
+        limit = max(0, self._capacity(ratio) - room)
+        reach = f"the model's reach at ratio {ratio}"
+        if self.memory_budget_bytes:
+            reach += f" within the memory budget of {self.memory_budget_bytes} bytes"
+        kept = "the answer" if subject is None else "the question and the answer"
+        higher = [r for r in sorted(ratios) if r > ratio and self._capacity(r) >= tokens + room]
+        advice = [f"a higher ratio ({higher[0]} fits)"] if higher else []
+        if subject is None:
+            advice.append("a shorter prompt")
+        else:
+            advice += ["fewer or shorter documents", "a summary (map-reduce over sections)"]
         raise DocumentTooLongError(
-            f"{tokens} tokens do not fit this model even at ratio "
-            f"{max(self.beacon_config.beacon_ratio)} (at most about "
-            f"{self.max_prompt_tokens(room or 0)} tokens{budget})"
+            f"{subject or 'the prompt'}: {tokens} tokens do not fit this model "
+            f"{'at' if fixed is not None else 'even at'} ratio {ratio}: at most {limit} tokens "
+            f"fit ({reach}, less {room} tokens kept for {kept}). Try "
+            f"{', '.join(advice[:-1])}{' or ' if len(advice) > 1 else ''}{advice[-1]}.",
+            tokens=tokens,
+            ratio=ratio,
+            limit=limit,
         )
 
     def max_prompt_tokens(self, max_new_tokens: int = 0) -> int:
-        """The longest prompt that leaves room for `max_new_tokens` (what adapters advertise)."""
+        """The longest prompt that leaves room for `max_new_tokens` (what adapters advertise).
+
+        `context_window` less the answer: at the fixed ratio if there is one, within the
+        memory budget if set.
+        """
         return self.context_window - max_new_tokens
 
-    def _resolve_ratio(self, ratio: int | str | None, tokens: int, room: int | None = None) -> int:
+    def question_schedule(
+        self, ids: Sequence[int], question: str, ratio: int, text_end: int | None = None
+    ) -> list[int]:
+        """Ratio of every window the memory will condense in `ids`, planned for `question`.
+
+        Windows whose text (up to `text_end`, the document) best matches the question under
+        BM25 get the lowest ratios (down to the smallest trained one), the rest the stride
+        itself (one beacon per window), with no more condensed entries in all than uniform
+        `ratio` leaves, so whatever `ratio` was chosen to fit still fits.
+        """
+        return plan_schedule(
+            self.beacon_config, ids, question, self.tokenizer.decode, ratio, text_end=text_end
+        )
+
+    def _resolve_ratio(
+        self,
+        ratio: int | str | None,
+        tokens: int,
+        room: int | None = None,
+        subject: str | None = None,
+    ) -> int:
+        """The ratio for a request (`ratio` if given, checked to fit, else `choose_ratio`)."""
         if ratio is None or ratio == "auto":
-            return self.choose_ratio(tokens, room)
+            return self.choose_ratio(tokens, room, subject)
         self._check_ratio(int(ratio))
-        return int(ratio)
+        return self._fitting_ratio(tokens, room, int(ratio), subject)
 
     def info(self, documents, *, ratio: int | str | None = None) -> DocumentInfo:
-        """Pages, characters, tokens, the ratio that would be used and the memory it needs."""
+        """Pages, characters, tokens, the ratio that would be used and the memory it needs.
+
+        `fits` is False when the documents overflow the model's reach or the memory budget at
+        that ratio (given, fixed, or even the strongest); the ratio shown is then that one.
+        """
         documents = as_documents(documents)
         tokens = self.count_tokens(documents_text(documents))
         try:
             ratio, fits = self._resolve_ratio(ratio, tokens), True
-        except DocumentTooLongError:
-            ratio, fits = max(self.beacon_config.beacon_ratio), False
+        except DocumentTooLongError as error:
+            ratio, fits = error.ratio, False
         entries = self._entries(tokens, ratio)
         return DocumentInfo(
             names=[d.name for d in documents],
@@ -390,13 +481,21 @@ class BeaconEngine:
         *,
         on_progress: Progress | None = None,
         ratio: int | str | None = None,
+        ratio_plan: str = "uniform",
         **generation: Any,
     ) -> AnswerStream:
-        """Answer `question` from the whole of `documents` (Document objects or paths)."""
+        """Answer `question` from the whole of `documents` (Document objects or paths).
+
+        `ratio_plan="question"` condenses the windows most relevant to the question (BM25) at
+        low ratios and the rest hard, with no more condensed entries than the uniform ratio
+        would leave (`beacon_apps.ratio_plan`); such a reading is never cached.
+        """
         if not question.strip():
             raise ValueError("question: empty question")
         turns = [{"role": "user", "content": question}]
-        return self._document_stream(documents, turns, on_progress, ratio, generation)
+        return self._document_stream(
+            documents, turns, on_progress, ratio, generation, question=_plan(ratio_plan, question)
+        )
 
     def chat(self, documents, history: list[dict[str, str]], **generation: Any) -> Answer:
         return self.stream_chat(documents, history, **generation).consume()
@@ -408,12 +507,19 @@ class BeaconEngine:
         *,
         on_progress: Progress | None = None,
         ratio: int | str | None = None,
+        ratio_plan: str = "uniform",
         **generation: Any,
     ) -> AnswerStream:
-        """Multi-turn chat about documents; `history` alternates user/assistant, ends with user."""
+        """Multi-turn chat about documents; `history` alternates user/assistant, ends with user.
+
+        `ratio_plan="question"`: as for `stream_ask`, planned for the last user message.
+        """
         if not history or history[-1].get("role") != "user":
             raise ValueError("history: must end with a user message")
-        return self._document_stream(documents, list(history), on_progress, ratio, generation)
+        question = _plan(ratio_plan, history[-1].get("content", ""))
+        return self._document_stream(
+            documents, list(history), on_progress, ratio, generation, question=question
+        )
 
     def summarize(self, documents, length: str = "medium", **generation: Any) -> Answer:
         return self.stream_summarize(documents, length, **generation).consume()
@@ -439,7 +545,7 @@ class BeaconEngine:
         settings = self._settings(generation)
         stream = AnswerStream()
         stream._deltas = self._summary_deltas(
-            stream, documents, instruction, settings, on_progress, ratio
+            stream, documents, instruction, settings, on_progress, ratio, generation.get("timeout")
         )
         return stream
 
@@ -448,8 +554,11 @@ class BeaconEngine:
     ) -> Answer:
         """Read documents into the cache without answering (the app's upload step).
 
-        A later question about them restores the condensed prefix. The returned Answer has
-        no text; its numbers say what condensing took.
+        Reads the prompt prefix that every question about the documents shares, up to its last
+        window boundary (the rest of the document is read with the question), and caches it; a
+        later question restores it. The returned Answer has no text and finish_reason
+        "condensed" ("cancelled" if stopped); `prompt_tokens` is the tokens condensed (restored
+        ones included), the other numbers say what condensing took.
         """
         turns = [{"role": "user", "content": ""}]
         stream = self._document_stream(
@@ -474,7 +583,7 @@ class BeaconEngine:
 
         def build():
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-            return ids, len(ids) - self.question_allowance // 4, len(ids)
+            return ids, len(ids) - FOLLOW_UP_SLACK, len(ids)
 
         return self._stream(build, on_progress, ratio, generation, room_is_answer=True)
 
@@ -495,19 +604,32 @@ class BeaconEngine:
 
         def build():
             ids = self.tokenizer.encode(self.render_messages(messages), add_special_tokens=False)
-            return ids, len(ids) - self.question_allowance // 4, len(ids)
+            return ids, len(ids) - FOLLOW_UP_SLACK, len(ids)
 
         return self._stream(build, on_progress, ratio, generation, room_is_answer=True)
 
     # ------------------------------------------------------------------ the one request path
     def _document_stream(
-        self, documents, turns, on_progress, ratio, generation, generate: bool = True
+        self, documents, turns, on_progress, ratio, generation, generate: bool = True, question=None
     ) -> AnswerStream:
-        def build():
-            text = documents_text(as_documents(documents))
-            return self._document_prompt(text, turns, QA_SYSTEM_PROMPT)
+        loaded: list[Document] = []
 
-        return self._stream(build, on_progress, ratio, generation, generate=generate)
+        def build():
+            loaded[:] = as_documents(documents)
+            return self._document_prompt(documents_text(loaded), turns, QA_SYSTEM_PROMPT)
+
+        def subject() -> str:  # names the documents in DocumentTooLongError
+            return ", ".join(d.name for d in loaded) or "the documents"
+
+        return self._stream(
+            build,
+            on_progress,
+            ratio,
+            generation,
+            generate=generate,
+            question=question,
+            subject=subject,
+        )
 
     def _settings(self, generation: dict[str, Any]) -> GenerationSettings:
         generation = dict(generation)
@@ -535,19 +657,31 @@ class BeaconEngine:
         *,
         generate: bool = True,
         room_is_answer: bool = False,
+        question: str | None = None,
+        subject: Callable[[], str] | None = None,
     ) -> AnswerStream:
-        """A lazy stream for the prompt `build()` returns: (ids, stable length, ratio basis)."""
+        """A lazy stream for the prompt `build()` returns: (ids, stable length, ratio basis).
+
+        `subject()` names the documents when they do not fit (None: the prompt). A `timeout`
+        in `generation` counts from the first delta asked for.
+
+        With a `question`, the windows before `stable length` (the document) get a
+        question-aware ratio schedule at the overall ratio otherwise pinned.
+        """
         settings = self._settings(generation)
         timeout = generation.get("timeout")
         stream = AnswerStream()
 
         def deltas() -> Iterator[str]:
+            deadline = time.monotonic() + timeout if timeout else None
             ids, stable, basis = build()
             room = settings.max_new_tokens if room_is_answer else None
-            pinned = self._resolve_ratio(ratio, basis, room)
-            deadline = time.monotonic() + timeout if timeout else None
+            pinned = self._resolve_ratio(ratio, basis, room, subject() if subject else None)
+            schedule = None
+            if question is not None:
+                schedule = self.question_schedule(ids, question, pinned, text_end=stable)
             yield from self._run(
-                stream, ids, stable, pinned, settings, on_progress, deadline, generate
+                stream, ids, stable, pinned, settings, on_progress, deadline, generate, schedule
             )
 
         stream._deltas = deltas()
@@ -559,19 +693,53 @@ class BeaconEngine:
             raise TimeoutError("the request took longer than its timeout")
         return stream.cancelled
 
+    @contextlib.contextmanager
+    def _turn(self, stream: AnswerStream, deadline: float | None) -> Iterator[bool]:
+        """Hold the engine for one request: True once it is this request's turn, False if the
+        request was cancelled before (or while waiting for) it; raises past its deadline."""
+        if self._check(stream, deadline):
+            yield False
+            return
+        while not self._lock.acquire(timeout=0.05):  # returns as soon as the lock is free
+            if self._check(stream, deadline):
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self._lock.release()
+
     def _run(
-        self, stream, ids, stable_length, ratio, settings, on_progress, deadline, generate
+        self, stream, ids, stable_length, ratio, settings, on_progress, deadline, generate, plan
     ) -> Iterator[str]:
-        with self._lock:
+        with self._turn(stream, deadline) as turn:
+            if not turn:  # cancelled before its turn: nothing is read or generated
+                stream.answer = Answer(
+                    text="",
+                    finish_reason="cancelled",
+                    prompt_tokens=len(ids),
+                    completion_tokens=0,
+                    compression_ratio=ratio,
+                    cached_tokens=0,
+                    prefill_seconds=0.0,
+                    total_seconds=0.0,
+                    memory_entries=0,
+                    memory_bytes=0,
+                    notices=stream.notices,
+                )
+                return
             started = time.perf_counter()
             model, memory = self.model, self.model.memory
             memory.config = self.beacon_config.replace(beacon_ratio_mix=f"fixed-{ratio}")
             memory.reset()
-            cached, position = self._prefill(stream, ids, stable_length, on_progress, deadline)
+            memory.set_ratio_schedule(plan)  # None: uniform; a schedule bypasses the cache
+            cached, position = self._prefill(
+                stream, ids, stable_length, on_progress, deadline, document_only=not generate
+            )
             prefill_done = time.perf_counter()
             tokens: list[int] = []
             decoder = _TextDecoder(self.tokenizer, settings.stop_strings)
-            finish = "length"
+            finish = "length" if generate else "condensed"
             if stream.cancelled:
                 finish = "cancelled"
             elif generate:
@@ -600,7 +768,7 @@ class BeaconEngine:
             stream.answer = Answer(
                 text=decoder.text,
                 finish_reason=finish,
-                prompt_tokens=len(ids),
+                prompt_tokens=len(ids) if generate else position,  # condense(): what it read
                 completion_tokens=len(tokens),
                 compression_ratio=ratio,
                 cached_tokens=cached,
@@ -610,26 +778,42 @@ class BeaconEngine:
                 memory_bytes=memory.nbytes(),
                 token_ids=tokens,
                 notices=stream.notices,
+                ratio_plan="uniform" if plan is None else "question",
+                window_ratios=[] if plan is None else list(memory.ratios),
             )
 
-    def _prefill(self, stream, ids, stable_length, on_progress, deadline) -> tuple[int, int]:
-        """Read the prompt window by window up to the last window boundary before its end.
+    def _prefill(
+        self, stream, ids, stable_length, on_progress, deadline, document_only: bool = False
+    ) -> tuple[int, int]:
+        """Read the prompt step by step up to the last step boundary before its end.
 
-        The longest cached window-aligned prefix is restored first. A snapshot is stored at the
-        last boundary before the question (`stable_length`), where the next question about
-        the same document will find it. Returns (tokens restored from the cache, tokens read).
+        Step boundaries are where the memory closes a window: W, W + S, W + 2S, ... (window W,
+        stride S), so these pieces are exactly the steps one call would take, and progress and
+        cancellation are checked between them. With S == W the longest cached prefix is restored
+        first and a snapshot is stored at the last boundary before the question
+        (`stable_length`), where the next question about the same document will find it.
+        `document_only` (condense) stops at that boundary. Returns (tokens restored from the
+        cache, tokens read).
         """
         config = self.beacon_config
-        window = config.beacon_window
-        if config.beacon_stride != window:  # windows only line up when they do not overlap
-            return 0, 0
-        end = (len(ids) - 1) // window * window
-        store_at = min(end, max(0, stable_length) // window * window)
+        window, stride = config.beacon_window, config.beacon_stride
+
+        def boundary(limit: int) -> int:  # the last step boundary at or before `limit`
+            return 0 if limit < window else window + (limit - window) // stride * stride
+
+        end = boundary(len(ids) - 1)
+        store_at = min(end, boundary(max(0, stable_length)))
+        if document_only:
+            end = store_at
+        total = end if document_only else len(ids)
         header = f"{self._fingerprint}|{sorted(self.model.memory.config.to_dict().items())}"
-        candidates = prefix_digests(header, ids, window, end) if end else []
+        # Cache keys sit at window multiples: steps only line up with them when windows do not
+        # overlap. A question-specific reading neither restores nor stores: its ratios differ.
+        use_cache = stride == window and self.model.memory.ratio_schedule is None
+        candidates = prefix_digests(header, ids, window, end) if end and use_cache else []
         cached = (
             self.cache.restore_longest(candidates, self.model.memory, self.model.device)
-            if end
+            if end and use_cache
             else 0
         )
         position = cached
@@ -637,30 +821,42 @@ class BeaconEngine:
             while position < end:
                 if self._check(stream, deadline):
                     return cached, position
-                self.model(torch.tensor([ids[position : position + window]]), logits_to_keep=0)
-                position += window
-                if position == store_at and store_at > cached:
+                step = window if position == 0 else stride
+                self.model(torch.tensor([ids[position : position + step]]), logits_to_keep=0)
+                position += step
+                if use_cache and position == store_at and store_at > cached:
                     self.cache.store(candidates[store_at // window - 1][1], self.model.memory)
                 if on_progress:
-                    on_progress(position, len(ids))
+                    on_progress(position, total)
         if on_progress:
-            on_progress(len(ids), len(ids))
+            on_progress(total, total)
         return cached, position
 
-    def _summary_deltas(self, stream, documents, instruction, settings, on_progress, ratio):
-        """The whole document in one pass, or (if it cannot fit) sections, then their summary."""
+    def _summary_deltas(
+        self, stream, documents, instruction, settings, on_progress, ratio, timeout=None
+    ):
+        """The whole document in one pass, or (if it cannot fit) sections, then their summary.
+
+        `timeout` covers the whole summary: every pass gets the time that is left.
+        """
+        deadline = time.monotonic() + timeout if timeout else None
         documents = as_documents(documents)
         text = documents_text(documents)
         turns = [{"role": "user", "content": instruction}]
-        generation = dataclasses.asdict(settings)
+        generation = _Budgeted(dataclasses.asdict(settings), deadline)
+        names = ", ".join(d.name for d in documents)
         try:
-            self._resolve_ratio(ratio, self.count_tokens(text))
+            self._resolve_ratio(ratio, self.count_tokens(text), subject=names)
         except DocumentTooLongError as error:
+            why = (
+                f"{names}: {error.tokens} tokens do not fit at ratio {error.ratio} (at most "
+                f"{error.limit})"
+            )
             yield from self._map_reduce(
-                stream, documents, instruction, str(error), generation, on_progress
+                stream, documents, instruction, why, generation, on_progress, ratio
             )
             return
-        inner = self._document_stream(documents, turns, on_progress, ratio, generation)
+        inner = self._document_stream(documents, turns, on_progress, ratio, generation.left())
         yield from self._follow(stream, inner)
 
     def _follow(self, outer: AnswerStream, inner: AnswerStream) -> Iterator[str]:
@@ -674,9 +870,12 @@ class BeaconEngine:
             inner.answer.notices = outer.notices
         outer.answer = inner.answer
 
-    def _map_reduce(self, stream, documents, instruction, why, generation, on_progress):
+    def _map_reduce(self, stream, documents, instruction, why, generation, on_progress, ratio):
+        """Summaries of sections that fit (at `ratio` if one is given), then their summary."""
         pages = [p for d in documents for p in d.pages]
-        limit = self.context_window - 2 * self.question_allowance
+        explicit = ratio is not None and ratio != "auto"
+        capacity = self._capacity(int(ratio)) if explicit else self.context_window
+        limit = capacity - 2 * self.question_allowance
         sections: list[list[Page]] = [[]]
         used = 0
         for page in pages:
@@ -693,7 +892,9 @@ class BeaconEngine:
         section_prompt = [{"role": "user", "content": SUMMARY_INSTRUCTIONS["medium"][0]}]
         for number, section in enumerate(sections, start=1):
             part = Document(f"section {number}", f"section {number}", section, {})
-            inner = self._document_stream([part], section_prompt, on_progress, None, generation)
+            inner = self._document_stream(
+                [part], section_prompt, on_progress, ratio, generation.left()
+            )
             inner._cancelled = stream._cancelled
             answer = inner.consume()
             if answer.finish_reason == "cancelled":
@@ -706,24 +907,48 @@ class BeaconEngine:
         )
         final = [{"role": "user", "content": instruction}]
         yield from self._follow(
-            stream, self._document_stream([combined], final, on_progress, None, generation)
+            stream,
+            self._document_stream([combined], final, on_progress, ratio, generation.left()),
         )
 
 
+class _Budgeted:
+    """Generation settings shared by the passes of one request under one deadline."""
+
+    def __init__(self, generation: dict[str, Any], deadline: float | None) -> None:
+        self.generation, self.deadline = generation, deadline
+
+    def left(self) -> dict[str, Any]:
+        """The settings for the next pass, its `timeout` the time left (raises if none is)."""
+        if self.deadline is None:
+            return dict(self.generation)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than its timeout")
+        return {**self.generation, "timeout": left}
+
+
 class _TextDecoder:
-    """Incremental detokenization that never emits half a character or part of a stop string."""
+    """Incremental detokenization that never emits half a character or part of a stop string.
+
+    Each token decodes only the last few tokens (`IncrementalDecoder`) and only the text that can
+    still hold a new stop string is searched, so the cost per token does not grow with the answer
+    (the text is the whole decoding, as `tokenizer.decode` gives it).
+    """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
-        self.tokenizer = tokenizer
         self.stop_strings = list(stop_strings)
-        self.ids: list[int] = []
+        self._longest = max((len(s) for s in self.stop_strings), default=0)
+        self._decoder = IncrementalDecoder(tokenizer)
         self.text = ""
         self.emitted = 0
 
     def add(self, token: int) -> tuple[str, bool]:
-        self.ids.append(token)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((full.find(s) for s in self.stop_strings if s in full), default=-1)
+        # the text before this token held no stop string: a new one ends after its settled part
+        start = max(0, len(self._decoder.text) - self._longest + 1)
+        self._decoder.add(token)
+        full = self._decoder.text + self._decoder.pending()
+        cut = min((i for s in self.stop_strings if (i := full.find(s, start)) >= 0), default=-1)
         if cut >= 0:
             self.text = full[:cut]
             return self._emit(len(self.text)), True
@@ -745,6 +970,16 @@ class _TextDecoder:
 
     def flush(self) -> str:
         return self._emit(len(self.text))
+
+
+RATIO_PLANS = ("uniform", "question")
+
+
+def _plan(ratio_plan: str, question: str) -> str | None:
+    """The question to plan ratios for, or None for a uniform ratio."""
+    if ratio_plan not in RATIO_PLANS:
+        raise ValueError(f"ratio_plan: choose one of {', '.join(RATIO_PLANS)} (got {ratio_plan!r})")
+    return question if ratio_plan == "question" else None
 
 
 def _eos_ids(model: BeaconForCausalLM, tokenizer) -> list[int]:

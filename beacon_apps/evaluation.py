@@ -22,6 +22,10 @@ Every run measures, on the same inputs:
 - full: the base model attending to everything (where it fits in memory; beyond N it runs past
   its trained positions, which is the point of comparing).
 
+On request (passkey/needle only), `beacon-qa`: the beacon model at the same overall ratio as
+`beacon`, but with the windows most relevant to the question (BM25) condensed least and the rest
+hard (`beacon_apps.ratio_plan`), so uniform and question-aware compression compare at equal size.
+
 The baselines run the base model's own Hugging Face modules, shared with the beacon model (the
 beacon parameters sit beside them and are not used), so no second copy of the weights is loaded.
 """
@@ -58,11 +62,13 @@ from .beacon import (
 from .beacon.attention import apply_rope
 from .beacon.config import BeaconConfig
 from .beacon.model import max_positions
+from .ratio_plan import question_schedule
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("perplexity", "passkey", "needle")
-METHODS = ("beacon", "truncated", "sink", "full")
+DEFAULT_METHODS = ("beacon", "truncated", "sink", "full")
+METHODS = (*DEFAULT_METHODS, "beacon-qa")  # beacon-qa: question-aware ratios (retrieval only)
 # The reference's prompts, typo included, so numbers compare with published ones.
 DESCRIPTION = (
     "There is an important infomation hidden in the following context. Find the information "
@@ -87,7 +93,7 @@ class EvalConfig:
     model: str
     tasks: list[str] = field(default_factory=lambda: ["perplexity"])
     output_dir: str = "eval-results"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     lengths: list[int] = field(default_factory=lambda: [8192, 16384, 32768])
     # perplexity
     data: list[str] = field(default_factory=list)  # text/JSONL ('text')/PDF files or folders
@@ -278,6 +284,58 @@ def beacon_nll(model: BeaconForCausalLM, ids: torch.Tensor, first: int) -> tuple
     return total, count
 
 
+def overall_ratio(model: BeaconForCausalLM, tokens: int) -> int:
+    """The one ratio the beacon method reads a `tokens`-token prompt at (fixed-N or adapt-N).
+
+    A question-aware plan must spend what this uniform ratio spends, so it needs one; a
+    random mix has none and is refused.
+    """
+    config = model.memory.config
+    kind, extra = config.parse_ratio_mix()
+    if kind == "fixed":
+        return extra
+    if len(config.beacon_ratio) == 1:
+        return config.beacon_ratio[0]
+    pinned = adapt_ratio(config, max_positions(model.config), tokens)
+    if pinned is None:
+        raise ValueError(
+            f"beacon-qa: ratio mix {config.beacon_ratio_mix!r} has no single overall ratio; "
+            "use --ratio-mix fixed-N or adapt-N"
+        )
+    return pinned
+
+
+def planned_generate(
+    model: BeaconForCausalLM,
+    ids: torch.Tensor,
+    settings: GenerationSettings,
+    question: str,
+    decode,
+    text_end: int | None = None,
+) -> list[int]:
+    """Greedy answer of the beacon model reading `ids` with question-aware window ratios.
+
+    The overall ratio is the one plain `beacon` uses for the same prompt (`overall_ratio`);
+    the schedule keeps the windows (up to `text_end`) that best match `question` at low
+    ratios and spends no more condensed entries in all. Windows beyond the prompt (those the
+    answer fills) use the overall ratio.
+    """
+    memory = model.memory
+    original = memory.config
+    overall = overall_ratio(model, ids.shape[1])
+    schedule = question_schedule(
+        original, ids[0].tolist(), question, decode, overall, text_end=text_end
+    )
+    memory.reset()
+    memory.config = original.replace(beacon_ratio_mix=f"fixed-{overall}")
+    memory.set_ratio_schedule(schedule)
+    try:
+        return generate(model, ids, settings, reset=False)
+    finally:
+        memory.config = original
+        memory.reset()
+
+
 @torch.no_grad()
 def truncated_nll(model, ids: torch.Tensor, first: int, native: int) -> tuple[float, int]:
     """The base model reading `ids` in independent `native`-token pieces (no context across)."""
@@ -348,17 +406,28 @@ def _layout(tokenizer, length: int, depth: float, info: str, question: str) -> t
     return parts, lowest + round((highest - lowest) * depth / 100)
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, digits: int, rng) -> tuple[str, str]:
-    """The reference's passkey prompt of about `length` tokens with the key at `depth` %."""
+def passkey_prompt(
+    tokenizer, length: int, depth: float, digits: int, rng, haystack: str = ""
+) -> tuple[str, str]:
+    """The reference's passkey prompt of about `length` tokens with the key at `depth` %.
+
+    `haystack`: real text around the key (a random stretch of it) instead of the reference's
+    repeated sentences, for models that never saw such prose (the demo model knows code).
+    """
     passkey = str(rng.integers(10 ** (digits - 1), 10**digits))
     info = f"\n\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n\n"
     (description, information, question), position = _layout(
         tokenizer, length, depth, info, PASSKEY_QUESTION
     )
-    noise = PASSKEY_NOISE * (length // 10)
-    before = tokenizer.encode(noise, add_special_tokens=False)[: position - len(description)]
     after_length = length - position - len(information) - len(question)
-    after = tokenizer.encode(noise, add_special_tokens=False)[:after_length]
+    if haystack:
+        start = int(rng.integers(0, max(1, len(haystack) - 8 * length)))
+        noise = tokenizer.encode(haystack[start : start + 8 * length], add_special_tokens=False)
+        before = noise[: position - len(description)]
+        after = noise[len(before) : len(before) + after_length]
+    else:
+        noise = tokenizer.encode(PASSKEY_NOISE * (length // 10), add_special_tokens=False)
+        before, after = noise[: position - len(description)], noise[:after_length]
     return tokenizer.decode(description + before + information + after + question), passkey
 
 
@@ -569,6 +638,11 @@ class _Runner:
 
     def nll(self, method: str, ids: torch.Tensor, first: int) -> tuple[float, int] | None:
         model, native, block = self.model, self.native, self.block
+        if method == "beacon-qa":  # no question to plan for
+            note = "beacon-qa has no question in perplexity; not measured"
+            if note not in self.notes:
+                self.notes.append(note)
+            return None
         if method == "beacon":
             return beacon_nll(model, ids, first)
         if method == "truncated":
@@ -577,10 +651,22 @@ class _Runner:
             return streaming_nll(model, ids, first, block, (self.config.sink_size, native))
         return self._full(ids.shape[1], lambda: streaming_nll(model, ids, first, block, None))
 
-    def answer(self, method: str, ids: torch.Tensor, settings: GenerationSettings) -> list | None:
+    def answer(
+        self,
+        method: str,
+        ids: torch.Tensor,
+        settings: GenerationSettings,
+        question: tuple[str, int, Any] | None = None,
+    ) -> list | None:
+        """Greedy answer tokens; `question` = (text, tokens before it, decode) for beacon-qa."""
         model, native, block = self.model, self.native, self.block
         if method == "beacon":
             return generate(model, ids, settings)
+        if method == "beacon-qa":
+            if question is None:
+                raise ValueError("beacon-qa: needs the question")
+            text, text_end, decode = question
+            return planned_generate(model, ids, settings, text, decode, text_end)
         if method == "truncated":
             budget = max(native - settings.max_new_tokens, 1)
             return _greedy(model, middle_truncate(ids, budget), settings, block, None)
@@ -647,9 +733,8 @@ def run_retrieval(runner: _Runner, tokenizer, config: EvalConfig, task: str) -> 
     use_template = config.chat_template
     if use_template is None:
         use_template = bool(getattr(tokenizer, "chat_template", None))
-    haystack = ""
+    haystack = "\n\n".join(read_texts(config.haystack)) if config.haystack else ""
     if task == "needle":
-        haystack = "\n\n".join(read_texts(config.haystack)) if config.haystack else ""
         haystack = haystack or default_haystack()
     settings = GenerationSettings(
         max_new_tokens=config.max_new_tokens, eos_token_ids=_eos_ids(runner.model, tokenizer)
@@ -666,15 +751,23 @@ def run_retrieval(runner: _Runner, tokenizer, config: EvalConfig, task: str) -> 
         values: dict[tuple[str, str], list[float]] = {}
         for _ in range(config.samples_per_cell):
             if task == "passkey":
-                text, target = passkey_prompt(tokenizer, length, depth, config.passkey_digits, rng)
+                text, target = passkey_prompt(
+                    tokenizer, length, depth, config.passkey_digits, rng, haystack
+                )
             else:
                 text = needle_prompt(
                     tokenizer, haystack, length, depth, config.needle, config.question
                 )
                 target = config.needle
             ids = _with_template(tokenizer, text, use_template).to(runner.model.device)
+            question = None
+            if "beacon-qa" in config.methods:
+                asked = PASSKEY_QUESTION if task == "passkey" else config.question
+                document = _with_template(tokenizer, text.removesuffix(asked), use_template)[0]
+                text_end = _common_prefix(ids[0].tolist(), document.tolist())
+                question = (asked, text_end, tokenizer.decode)
             for method in config.methods:
-                tokens = runner.answer(method, ids, settings)
+                tokens = runner.answer(method, ids, settings, question)
                 output = (
                     None if tokens is None else tokenizer.decode(tokens, skip_special_tokens=True)
                 )
@@ -704,6 +797,14 @@ def run_retrieval(runner: _Runner, tokenizer, config: EvalConfig, task: str) -> 
                 mean = sum(found) / len(found) if found else None
                 scores[metric][method][str(length)][str(depth)] = mean
     return {"lengths": config.lengths, "depths": config.depths, **scores, "samples": samples}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return min(len(a), len(b))
 
 
 def _grid(table: dict[str, dict[str, float | None]], lengths, depths) -> np.ndarray:
@@ -804,7 +905,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = EvalConfig(model="", tasks=["passkey"])
     parser.add_argument("--model", required=True, help="beacon checkpoint (hub id or folder)")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["perplexity"])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(DEFAULT_METHODS),
+        help="beacon-qa: the beacon at the same overall ratio, windows relevant to the question "
+        "condensed least (passkey/needle; pin the ratio with --ratio-mix fixed-N to compare)",
+    )
     parser.add_argument(
         "--lengths", nargs="+", type=int, default=defaults.lengths, help="context lengths"
     )
@@ -818,7 +926,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     retrieval = parser.add_argument_group("passkey / needle")
     retrieval.add_argument("--depths", nargs="+", type=int, default=defaults.depths)
     retrieval.add_argument("--samples-per-cell", type=int, default=defaults.samples_per_cell)
-    retrieval.add_argument("--haystack", nargs="+", default=[], help="needle haystack files")
+    retrieval.add_argument(
+        "--haystack",
+        nargs="+",
+        default=[],
+        help="text files: the needle haystack; for passkey, real text around the key",
+    )
     retrieval.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     retrieval.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None)
     retrieval.add_argument("--seed", type=int, default=defaults.seed)
@@ -882,8 +995,10 @@ __all__ = [
     "lm_chunks",
     "middle_truncate",
     "needle_prompt",
+    "overall_ratio",
     "passkey_prompt",
     "perplexity",
+    "planned_generate",
     "read_texts",
     "rouge_l_recall",
     "run_eval",

@@ -82,6 +82,10 @@ class TrainConfig:
     beacon_sink_size: int | None = None
     beacon_attend_prev: bool | None = None
     inference_ratio_mix: str = "adapt-1024"  # written to saved checkpoints (how the model is used)
+    # The reference never condenses a sequence's last window. In interleave mode inference does
+    # put beacons among the last window's tokens (the question, the answer being written), so
+    # answers learnt without them are read differently at inference; False trains that case.
+    raw_last_window: bool = True
     # data
     min_length: int = 0  # tokens; shorter samples are dropped
     max_length: int = 4096  # tokens; longer texts are truncated (files: cut into pieces)
@@ -570,6 +574,7 @@ def train(config: TrainConfig, samples: Sequence[Sample] | None = None) -> Path:
     ):
         model.gradient_checkpointing_enable()
     model.memory.rng = np.random.default_rng(config.seed)  # ratio draws: reproducible per seed
+    model.memory.raw_last_window = config.raw_last_window
 
     chat_template = config.chat_template
     if chat_template and Path(chat_template).is_file():
@@ -731,6 +736,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     beacon.add_argument("--sink-size", type=int, help="beacon_sink_size (Llama-3: 1)")
     beacon.add_argument("--attend-prev", action=argparse.BooleanOptionalAction, default=None)
     beacon.add_argument(
+        "--raw-last-window",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep each sequence's last window raw (the reference); --no-raw-last-window puts "
+        "beacons there too, as interleave-mode inference does",
+    )
+    beacon.add_argument(
         "--inference-ratio-mix",
         default=defaults.inference_ratio_mix,
         help="beacon_ratio_mix written to the saved checkpoints",
@@ -797,6 +809,7 @@ def run_train(args: argparse.Namespace) -> int:
         beacon_sink_size=args.sink_size,
         beacon_attend_prev=args.attend_prev,
         inference_ratio_mix=args.inference_ratio_mix,
+        raw_last_window=args.raw_last_window,
         min_length=args.min_length,
         max_length=args.max_length,
         group_by_windows=args.group_by_windows,

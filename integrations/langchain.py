@@ -51,9 +51,9 @@ from langchain_core.runnables import Runnable, RunnablePassthrough
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from beacon_apps.beacon import GenerationSettings
+from beacon_apps.default_model import default_model
 from beacon_apps.documents import load_document
 from beacon_apps.engine import (
-    DEFAULT_MODEL,
     QA_SYSTEM_PROMPT,
     SUMMARY_INSTRUCTIONS,
     Answer,
@@ -108,7 +108,7 @@ class _BeaconParams(BaseModel):
             return values
         engine, model = values.get("engine"), values.get("model")
         if engine is None:
-            model = model or DEFAULT_MODEL
+            model = model or default_model()
             engine = BeaconEngine(model, **values.get("engine_kwargs", {}))
         elif model is not None and str(model) != engine.model_name:
             raise ValueError(

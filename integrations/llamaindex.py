@@ -51,8 +51,9 @@ from llama_index.core.readers.base import BaseReader
 from llama_index.core.schema import BaseNode, NodeWithScore
 from llama_index.core.schema import Document as LIDocument
 
+from beacon_apps.default_model import default_model
 from beacon_apps.documents import Document, Page, load_document
-from beacon_apps.engine import DEFAULT_MODEL, Answer, AnswerStream, BeaconEngine, aiterate
+from beacon_apps.engine import Answer, AnswerStream, BeaconEngine, aiterate
 
 __all__ = ["BeaconLLM", "BeaconReader", "WholeDocumentQueryEngine"]
 
@@ -102,7 +103,9 @@ class BeaconLLM(CustomLLM):
     `additional_kwargs`. Build several wrappers over one loaded model with `engine=`.
     """
 
-    model: str = Field(default=DEFAULT_MODEL, description="Hub id or folder of the model.")
+    model: str = Field(
+        default="", description="Hub id or folder of the model (default: see default_model)."
+    )
     temperature: float = Field(default=0.0, ge=0.0, description="0: greedy; above 0: sampling.")
     max_new_tokens: int = Field(default=256, gt=0, description="New tokens at most.")
     generate_kwargs: dict[str, Any] = Field(
@@ -120,7 +123,7 @@ class BeaconLLM(CustomLLM):
         self, model: str | None = None, *, engine: BeaconEngine | None = None, **kwargs: Any
     ) -> None:
         if engine is None:
-            model = str(model or DEFAULT_MODEL)
+            model = str(model or default_model())
             engine = BeaconEngine(model, **kwargs.get("engine_kwargs", {}))
         elif model is not None and str(model) != engine.model_name:
             raise ValueError(

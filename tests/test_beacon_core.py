@@ -241,6 +241,43 @@ def test_eager_equals_sdpa(load, settings):
     assert eager[1:] == sdpa[1:]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"beacon_pos": "append", "beacon_attn": "step-expansion"}],
+    ids=["causal", "plan-mask"],
+)
+def test_attention_mask_is_built_once_per_step(load, monkeypatch, attn, settings):
+    """Every layer of a step attends with the same mask object; the causal one is built once."""
+    from beacon_apps.beacon import attention
+    from beacon_apps.beacon import model as model_module
+
+    built, calls = [], []
+    causal_mask, attend = attention._causal_mask, model_module.attend
+    monkeypatch.setattr(attention, "_causal_mask", lambda *a: built.append(a) or causal_mask(*a))
+
+    def spy(query, key, value, mask, *rest):
+        calls.append((query.clone(), key.clone(), value.clone(), mask, rest))
+        return attend(query, key, value, mask, *rest)
+
+    monkeypatch.setattr(model_module, "attend", spy)
+    model = load(attn=attn, **settings)
+    layers = len(model.model.layers)
+    stream(model, [PROMPT.shape[1]])
+    steps = [calls[i : i + layers] for i in range(0, len(calls), layers)]
+    assert len(steps) > 4 and all(len(step) == layers for step in steps)
+    for step in steps:
+        assert all(call[3] is step[0][3] for call in step)  # one mask object per step
+    with_mask = [step for step in steps if step[0][3] is not None]
+    assert with_mask  # steps after the first attend over a memory: an explicit mask
+    if not settings:  # all masks causal: built once per step, same numbers as built per call
+        assert len(built) == len(with_mask)
+        for query, key, value, mask, rest in calls:
+            assert torch.equal(
+                attend(query, key, value, mask, *rest), attend(query, key, value, None, *rest)
+            )
+
+
 def test_parallel_window_setting_gives_the_sequential_result(load):
     """Reference §4.9: packing windows is an optimisation; the numbers are the sequential ones."""
     sequential = stream(load(), [83])
@@ -542,6 +579,66 @@ def test_stop_string_spanning_tokens_stops(load, model_dirs):
     assert stopped == free[: k + 2]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, PROMPT[:, :45], stop_settings)
+
+
+UNICODE_TEXT = (
+    "Plain words, then accents: naïve café déjà vu; CJK 日本語のテキスト; emoji 🙂🚀 and "
+    "symbols → ≠ ∑; ligatures ﬁ and a last line.\n\tTabs  and  double  spaces."
+)
+
+
+def decoding_cases(tokenizer):
+    """Token sequences to decode: real text (multi-byte characters split over tokens) and
+    random ids (special tokens, invalid byte sequences)."""
+    generator = torch.Generator().manual_seed(3)
+    yield tokenizer.encode(UNICODE_TEXT, add_special_tokens=False)
+    for _ in range(6):
+        yield torch.randint(len(tokenizer), (120,), generator=generator).tolist()
+
+
+def test_incremental_decoding_equals_whole_decoding(model_dirs):
+    from beacon_apps.beacon.generation import IncrementalDecoder
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["qwen2"])
+    for ids in decoding_cases(tokenizer):
+        decoder = IncrementalDecoder(tokenizer)
+        for n, token in enumerate(ids, start=1):
+            decoder.add(token)
+            whole = tokenizer.decode(ids[:n], skip_special_tokens=True)
+            assert decoder.text + decoder.pending() == whole
+            assert not decoder.text.endswith("\ufffd")
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids, **options):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **options)
+
+
+def test_stop_string_matcher_equals_a_whole_text_search_at_linear_cost(model_dirs):
+    from beacon_apps.beacon.generation import StopStringMatcher
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["qwen2"])
+    for ids in decoding_cases(tokenizer):
+        whole = tokenizer.decode(ids, skip_special_tokens=True)
+        length = len(whole)
+        stops = [whole[length // 2 : length // 2 + 3], whole[-5:-1], whole[length // 3 :][:9]]
+        stops += ["é", "日本", "\n\t", "🙂🚀", "not in the text at all"]
+        for stop_strings in [[s] for s in stops if s] + [stops]:
+            counting = CountingTokenizer(tokenizer)
+            matcher = StopStringMatcher(counting, stop_strings)
+            for n, token in enumerate(ids, start=1):
+                text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+                expected = min((text.find(s) for s in stop_strings if s in text), default=None)
+                assert matcher.add(token) == expected, (stop_strings, n)
+                if expected is not None:
+                    break
+            assert counting.decoded <= 8 * n  # a few tokens per token, not the whole output
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from beacon_apps.beacon import (
@@ -19,6 +19,7 @@ from beacon_apps.beacon import (
     load_beacon_model,
     save_beacon_model,
 )
+from beacon_apps.beacon.model import max_positions
 from beacon_apps.beacon.tiny import tiny_config
 
 FAMILIES = ("qwen2", "llama", "mistral")
@@ -359,3 +360,93 @@ def test_unknown_attention_implementation(tiny_model_dir):
             tiny_model_dir("qwen2", **CHECKPOINT), attn_implementation="flash"
         )
         model(PROMPT)
+
+
+def test_only_the_models_weight_files_are_read(tiny_model_dir, tmp_path):
+    source = tiny_model_dir("qwen2", **CHECKPOINT)
+    expected = logits_of(load_beacon_model(source))
+    folder = tmp_path / "with-strays"
+    shutil.copytree(source, folder)
+    stray = {"model.embed_tokens.weight": torch.zeros(3, 3), "model.norm.weight": torch.zeros(64)}
+    save_file(stray, str(folder / "adapter_model.safetensors"))
+    save_file(stray, str(folder / "model (copy).safetensors"))
+    assert torch.equal(logits_of(load_beacon_model(folder)), expected)
+    # unindexed shards named model-*.safetensors load; the strays beside them still do not
+    state = load_file(folder / "model.safetensors")
+    names = sorted(state)
+    (folder / "model.safetensors").unlink()
+    save_file({k: state[k] for k in names[::2]}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: state[k] for k in names[1::2]}, str(folder / "model-00002-of-00002.safetensors"))
+    assert torch.equal(logits_of(load_beacon_model(folder)), expected)
+    for shard in folder.glob("model-*.safetensors"):
+        shard.unlink()
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors") as error:
+        load_beacon_model(folder)
+    assert "model.safetensors" in str(error.value)
+
+
+def test_an_index_naming_missing_shards_is_refused(base_dirs, tmp_path):
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base_dirs["qwen2"], dtype=torch.float32).save_pretrained(
+        sharded, max_shard_size="100KB"
+    )
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json") as error:
+        load_beacon_model(sharded)
+    assert shard.name in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"num_hidden_layers": 3, "layer_types": ["full_attention"] * 2}, "num_hidden_layers"),
+        ({"num_attention_heads": "four"}, "num_attention_heads"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "rope_parameters"),
+    ],
+    ids=["layer-types", "type", "rope"],
+)
+def test_invalid_config_json_names_the_folder_and_field(base_dirs, tmp_path, change, field):
+    folder = tmp_path / "bad-config"
+    shutil.copytree(base_dirs["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as error:
+        load_beacon_model(folder)
+    message = str(error.value)
+    assert message.startswith(f"{folder / 'config.json'}: {field}: invalid llama config")
+
+
+@pytest.mark.parametrize("name", ["flash_attention_2", "flex", "SDPA"])
+def test_attention_implementation_is_checked_at_load(base_dirs, name):
+    with pytest.raises(ValueError, match="^attn_implementation: .* choose sdpa or eager"):
+        load_beacon_model(base_dirs["qwen2"], attn_implementation=name)
+
+
+ROPE_SCALINGS = [  # (rope parameters, max_position_embeddings, positional reach)
+    (None, 512, 512),
+    # llama3 (Llama 3.1 style): max_position_embeddings already states the extended length
+    (
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 128},
+        1024,
+        1024,
+    ),
+    # llama3 scaling added to a model whose max_position_embeddings is the original length
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 512, 4096),
+    # yarn as Qwen2 documents it: original == max_position_embeddings, the factor extends it
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}, 512, 2048),
+    ({"rope_type": "linear", "factor": 2.0}, 512, 1024),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("rope", "positions", "reach"), ROPE_SCALINGS)
+def test_positional_reach_under_rope_scaling(tmp_path, rope, positions, reach):
+    fields = {"max_position_embeddings": positions}
+    if rope is not None:
+        fields["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    folder = write_base_model(tmp_path / "scaled", "llama", **fields)
+    model = load_beacon_model(folder, beacon_window=16, beacon_stride=16)
+    assert max_positions(model.config) == reach
+    assert model.memory.max_positions == reach

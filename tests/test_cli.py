@@ -98,15 +98,20 @@ def test_errors_are_one_line_with_exit_code_2(capsys, model_dir, document, argv,
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("beacon-apps: ")
 
 
-def test_offline_default_model_says_how_to_point_at_a_folder(
-    capsys, document, monkeypatch, tmp_path
+def test_offline_default_model_is_the_bundled_demo_and_says_so(
+    capsys, caplog, document, monkeypatch, tmp_path
 ):
+    import huggingface_hub.constants as hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.delenv("BEACON_APPS_MODEL", raising=False)
-    code, _, err = run(capsys, "info", str(document), "--no-cache")
-    assert code == 2
-    assert "namespace-Pt/beacon-qwen-2-7b-instruct" in err and "--model" in err
+    code, out, _ = run(capsys, "info", str(document), "--no-cache")
+    assert code == 0 and "tokens" in out
+    said = caplog.text
+    assert "namespace-Pt/beacon-qwen-2-7b-instruct" in said and "--model" in said
+    assert "bundled demo model" in said
 
 
 def test_console_script_entry_point(model_dir, document):
@@ -127,3 +132,21 @@ def test_console_script_entry_point(model_dir, document):
     )
     assert result.returncode == 0, result.stderr
     assert "pages: 5" in result.stdout
+
+
+def test_pypdf_warnings_do_not_flood_the_terminal(model_dir, tmp_path):
+    from pdf_factory import make_pdf
+
+    path = make_pdf(tmp_path / "repaired.pdf", ["Alpha page text.", "Beta page text."])
+    data = path.read_bytes()
+    at = data.rindex(b"startxref")
+    path.write_bytes(data[:at] + b"startxref\n12\n%%EOF\n")  # a wrong pointer pypdf repairs
+    command = [sys.executable, "-m", "beacon_apps.cli"]
+    options = ["info", str(path), "--model", str(model_dir), "--no-cache"]
+    quiet = subprocess.run([*command, *options], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "pages: 2" in quiet.stdout and "pypdf" not in quiet.stderr
+    verbose = subprocess.run(
+        [*command, "-v", *options], capture_output=True, text=True, timeout=300
+    )
+    assert "pypdf" in verbose.stderr  # -v still shows them

@@ -379,3 +379,27 @@ def test_cli_trains_end_to_end(tiny_model_dir, tmp_path, text_file, capsys):
     model = load_beacon_model(out, device="cpu")
     AutoTokenizer.from_pretrained(out)
     assert model.beacon_config.beacon_ratio == [2, 4, 8]
+
+
+@pytest.mark.parametrize("raw_last_window", [True, False])
+def test_training_reads_the_last_window_as_inference_does_unless_kept_raw(
+    tiny_model_dir, raw_last_window
+):
+    """Interleave mode puts beacons among the last window's tokens at inference. With
+    raw_last_window=False training does too, so its loss is exactly the inference loss; with the
+    reference's rule (True) the last window is read differently and the losses part."""
+    source = tiny_model_dir(beacon_window=WINDOW, beacon_stride=WINDOW, beacon_ratio=[2])
+    model = load_beacon_model(source, device="cpu")
+    model.memory.raw_last_window = raw_last_window
+    ids = _ids(3 * WINDOW + WINDOW // 2)
+    losses = {}
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        model.memory.reset()
+        with torch.no_grad():
+            losses[mode] = model(ids, labels=ids).loss.item()
+    if raw_last_window:
+        assert losses["train"] != losses["eval"]
+    else:
+        assert losses["train"] == losses["eval"]
+    assert len(model.memory.ratios) == 4  # eval: three full windows and the open last one

@@ -104,13 +104,12 @@ DEFAULT_MAX_UPLOAD_MB = 100
 # ---------------------------------------------------------------------- command line
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `beacon-apps app`."""
-    from beacon_apps.engine import DEFAULT_MODEL
-
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
-        default=os.environ.get("BEACON_APPS_MODEL", DEFAULT_MODEL),
-        help="hub id or local folder of a beacon checkpoint (env BEACON_APPS_MODEL)",
+        default=None,
+        help="hub id or local folder of a beacon checkpoint (default: $BEACON_APPS_MODEL, else "
+        "the released 7B model, else offline the bundled demo model, which `demo` names)",
     )
     model.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     model.add_argument(
@@ -285,7 +284,7 @@ def build_app(
     model now (in the background) instead of at the first request.
     """
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from beacon_apps.engine import DEFAULT_MODEL
+    from beacon_apps.default_model import default_model
 
     from .engines import EngineRegistry
     from .web import BeaconWebApp, build_blocks
@@ -296,10 +295,10 @@ def build_app(
         registry.add(model, engine)
     elif callable(engine):
         registry = registry or EngineRegistry(engine, max_models=max_models)
-        model = model or DEFAULT_MODEL
+        model = model or default_model()
     else:
         registry = registry or shared_registry(device, cache_dir, max_models)
-        model = str(engine) if engine is not None else (model or DEFAULT_MODEL)
+        model = str(engine) if engine is not None else (model or default_model())
     app = BeaconWebApp(
         registry,
         str(model),

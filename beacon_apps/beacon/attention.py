@@ -29,6 +29,30 @@ def _causal_mask(n: int, past: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)
 
 
+def step_mask(
+    mask: torch.Tensor | None,
+    n: int,
+    past: int,
+    device: torch.device,
+    implementation: str = "sdpa",
+) -> torch.Tensor | None:
+    """The mask of one step's attention, built once and passed to `attend` for every layer.
+
+    `mask` is the step plan's (`[n, past + n]` bool, True = visible; None = causal over
+    `[memory | fed]`). Returns it on `device`; for None, the causal mask wherever `attend` would
+    otherwise build one per call (eager with several fed tokens; SDPA on CPU with a memory before
+    the fed tokens), else None (SDPA's own causal paths). `attend` gives the same numbers either
+    way; this only saves building the mask once per layer.
+    """
+    if mask is not None:
+        return mask.to(device)
+    if n == 1:
+        return None
+    if implementation == "eager" or (past > 0 and device.type != "cuda"):
+        return _causal_mask(n, past, device)
+    return None
+
+
 def attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -39,7 +63,8 @@ def attend(
 ) -> torch.Tensor:
     """Attention of the fed queries over all keys; returns `[batch, n, heads, dim]`.
 
-    `mask` is `[n, keys]` bool (True = visible) or None for causal over `[memory | fed]`.
+    `mask` is `[n, keys]` bool (True = visible) or None for causal over `[memory | fed]`; build
+    it once per step with `step_mask` when many layers attend with it.
     """
     n, total = query.shape[2], key.shape[2]
     past = total - n
@@ -49,8 +74,8 @@ def attend(
         weights = torch.matmul(query, key.transpose(2, 3)) * scaling
         if mask is None and n > 1:
             mask = _causal_mask(n, past, query.device)
-        if mask is not None:
-            weights = weights.masked_fill(~mask.to(query.device), torch.finfo(weights.dtype).min)
+        if mask is not None:  # (where, not masked_fill(~mask): no inverted mask per call)
+            weights = torch.where(mask.to(query.device), weights, torch.finfo(weights.dtype).min)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
         return torch.matmul(weights, value).transpose(1, 2)
     if implementation != "sdpa":

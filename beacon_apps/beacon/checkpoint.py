@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
+from .attention import ATTENTION_IMPLEMENTATIONS
 from .config import BeaconConfig
 from .model import BeaconForCausalLM
 
@@ -91,21 +93,58 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The model's own weight files: the shards `model.safetensors.index.json` lists, else
+    `model.safetensors`, else `model-*.safetensors` shards. Other safetensors files in the folder
+    (an adapter, a copy, an optimizer state) are not weights of this model and are not read."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        with open(index, encoding="utf-8") as handle:
-            names = sorted(set(json.load(handle)["weight_map"].values()))
-        return [directory / name for name in names]
-    files = sorted(directory.glob("*.safetensors"))
+        try:
+            with open(index, encoding="utf-8") as handle:
+                names = sorted(set(json.load(handle)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{index}: not a valid weight index ({error})") from None
+        files = [directory / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{index}: lists {len(missing)} shard(s) not in the folder, e.g. {missing[0]}"
+            )
+        return files
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    files = sorted(directory.glob("model-*.safetensors"))
     if files:
         return files
+    others = sorted(p.name for p in directory.glob("*.safetensors"))
     pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(
         p.name for p in directory.glob("*.pt*")
     )
     hint = f" (found {', '.join(pickles)}: convert them to safetensors first)" if pickles else ""
+    if others:
+        hint = f" (found only {', '.join(others)}, which are not named as model weights)"
     raise CheckpointError(
-        f"{directory}: no *.safetensors weights{hint}; beacon-apps loads only safetensors"
+        f"{directory}: no model.safetensors or model-*.safetensors weights{hint}; beacon-apps "
+        "loads only safetensors"
     )
+
+
+def _base_config(directory: Path, model_type: str, fields: dict[str, Any]):
+    """The Hugging Face config (and its model on the meta device); errors name the field."""
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(fields)
+        with torch.device("meta"):
+            base = FAMILIES[model_type](config)
+    except Exception as error:  # transformers' validators raise many types
+        lines = [line.strip() for line in str(error).strip("'\"").splitlines() if line.strip()]
+        detail = re.sub(r"^\w+(Error|Exception): ", "", lines[-1] if lines else repr(error))
+        field = getattr(error, "field", None)
+        if field is None:
+            names = re.findall(r"[`'\"]([A-Za-z_]\w*)[`'\"]", str(error))
+            field = next((n for n in names if n in fields), names[0] if names else "config")
+        raise CheckpointError(
+            f"{directory / 'config.json'}: {field}: invalid {model_type} config: {detail}"
+        ) from error
+    return config, base
 
 
 def load_beacon_model(
@@ -122,6 +161,11 @@ def load_beacon_model(
     Defaults: CUDA in bfloat16 when a GPU is present, else CPU in float32. `beacon_overrides`
     (e.g. `beacon_ratio_mix="adapt-1024"`) replace the checkpoint's beacon settings.
     """
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation: {attn_implementation!r} is not supported; choose "
+            f"{' or '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
     directory = resolve_model_dir(name_or_path, revision)
     raw = _read_config(directory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -132,9 +176,7 @@ def load_beacon_model(
 
     model_type = raw["model_type"]
     base_fields = {k: v for k, v in raw.items() if not k.startswith("beacon_") and k != "auto_map"}
-    config = CONFIG_MAPPING[model_type].from_dict(base_fields)
-    with torch.device("meta"):
-        base = FAMILIES[model_type](config)
+    config, base = _base_config(directory, model_type, base_fields)
     model = BeaconForCausalLM(base, beacon_config, attn_implementation=attn_implementation)
 
     expected = dict(model.state_dict(keep_vars=True))

@@ -70,20 +70,80 @@ class GenerationSettings:
         return processors
 
 
+class IncrementalDecoder:
+    """The decoded text of a growing list of token ids, decoding only the last few tokens.
+
+    `text` is `tokenizer.decode(ids, skip_special_tokens=True)` up to the last token that
+    completed a character; `pending()` is the rest (an incomplete character decodes as U+FFFD),
+    so `text + pending()` is the whole decoding. Each new token decodes the tokens since the
+    previous settled one, with one settled token before them as context (so tokenizers that
+    strip a leading space or join pieces decode the seam as in the whole sequence): the cost
+    per token does not grow with the output.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._pending = ""
+        self._prefix = 0  # first token decoded as context
+        self._read = 0  # first token whose text is not in `text` yet
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the text it settles ("" while a character is incomplete)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        new = after[len(before) :]
+        if not new or after.endswith("\ufffd"):
+            self._pending = new
+            return ""
+        self.text += new
+        self._pending = ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return new
+
+    def pending(self) -> str:
+        """Decoded text of the tokens after `text` (U+FFFD for an incomplete character)."""
+        return self._pending
+
+
 @dataclass
 class StopStringMatcher:
-    """Finds stop strings of any length in the decoded text (they may span many tokens)."""
+    """Finds stop strings of any length in the decoded text (they may span many tokens).
+
+    Incremental: each token decodes only the last few tokens (`IncrementalDecoder`) and only the
+    text that can still hold a new stop string is searched (the new text and the last
+    `len(longest stop) - 1` characters before it), so matching costs the same per token however
+    long the output grows. The result is that of searching the whole decoded text (an incomplete
+    last character included, as U+FFFD, as `decode` shows it).
+    """
 
     tokenizer: object
     stop_strings: Sequence[str]
     token_ids: list[int] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._decoder = IncrementalDecoder(self.tokenizer)
+        self._longest = max((len(s) for s in self.stop_strings), default=0)
+        self._hit: int | None = None
+
     def add(self, token_id: int) -> int | None:
         """Append a token; return the character offset where a stop string starts, if any."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in self.stop_strings if s in text]
-        return min(hits) if hits else None
+        if self._hit is not None:
+            return self._hit
+        # The text up to the previous token held no stop string, and its settled part stays:
+        # a new one ends after it, so it starts at most len(longest) - 1 characters before.
+        start = max(0, len(self._decoder.text) - self._longest + 1)
+        self._decoder.add(token_id)
+        tail = self._decoder.text[start:] + self._decoder.pending()
+        hits = [i for s in self.stop_strings if (i := tail.find(s)) >= 0]
+        self._hit = start + min(hits) if hits else None
+        return self._hit
 
 
 def generate_tokens(

@@ -133,11 +133,20 @@ class BeaconMemory:
         self.max_positions = max_positions
         self.rng = np.random.default_rng(42)
         self.training = False
+        # Training keeps each sequence's last window raw, as the reference does. False trains it
+        # the way inference reads it: in interleave mode a question and its answer then sit among
+        # beacons, as they do when a user asks (see training.TrainConfig.raw_last_window).
+        self.raw_last_window = True
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget everything read so far (keeps the random generator, as the reference does)."""
+        """Forget everything read so far (keeps the random generator, as the reference does).
+
+        The ratio schedule is cleared too: it names windows of one stream (window k of *this*
+        reading), so a schedule left over from a previous request would misplace its ratios.
+        Callers set it after `reset()`, as the engine does.
+        """
         self.input_ids: torch.Tensor | None = None  # [batch, L] all ids received, on CPU
         self.labels: torch.Tensor | None = None
         self.start = 0  # first raw token of the open window
@@ -151,6 +160,7 @@ class BeaconMemory:
         self.used_zero_ratio = False
         self.window_indicator: list[int] = []  # open window's raw section: 0 raw, 1 beacon
         self.ratios: list[int] = []  # ratio of every window started since reset
+        self.ratio_schedule: list[int] | None = None  # window k uses schedule[k] if set
         self.sink_length = 0
         self.beacon_length = 0
         self.raw_length = 0
@@ -178,6 +188,7 @@ class BeaconMemory:
         clone.rng = copy.deepcopy(self.rng)
         clone.window_indicator = list(self.window_indicator)
         clone.ratios = list(self.ratios)
+        clone.ratio_schedule = None if self.ratio_schedule is None else list(self.ratio_schedule)
         clone.layers = []
         for layer in self.layers:
             new = LayerMemory()
@@ -263,8 +274,30 @@ class BeaconMemory:
             self.labels = torch.cat([self.labels, labels], dim=1)
 
     # ------------------------------------------------------------------ ratio choice
+    def set_ratio_schedule(self, schedule: list[int] | None) -> None:
+        """Pin the ratio of the next windows: window k of the stream uses `schedule[k]`.
+
+        Windows beyond the schedule follow `beacon_ratio_mix` as usual; None removes it. A
+        schedule lets question-aware reading (`beacon_apps.ratio_plan`) keep relevant windows
+        at low ratios and condense the rest hard. Ratios must be 0 or divide the stride (they
+        may lie outside `beacon_ratio`). Cleared by `reset()`; kept by `snapshot()`, not by
+        `export_state()` (the engine never caches a question-specific stream).
+        """
+        if schedule is not None:
+            schedule = [int(r) for r in schedule]
+            stride = self.config.beacon_stride
+            bad = [r for r in schedule if r < 0 or (r > 0 and stride % r)]
+            if bad:
+                raise ValueError(
+                    f"ratio schedule: {bad[0]} must be 0 or divide the stride {stride}"
+                )
+        self.ratio_schedule = schedule
+
     def _choose_ratio(self, total: int) -> int:
         cfg = self.config
+        schedule, index = self.ratio_schedule, len(self.ratios)  # index of the window starting
+        if schedule is not None and index < len(schedule):
+            return schedule[index]
         kind, arg = cfg.parse_ratio_mix()
         if kind == "fixed":
             return arg
@@ -309,7 +342,7 @@ class BeaconMemory:
         n_raw = raw_ids.shape[1]
         remainder = self.interleave_remainder
         layout: list[int]  # 0 raw / 1 beacon for every fed token, in order
-        if self.training and end == total:
+        if self.training and end == total and self.raw_last_window:
             # The sequence's last window in training: never condensed, no beacons.
             ratio, beacon_size, closes, next_start = -1, 0, False, start
             layout = [0] * n_raw

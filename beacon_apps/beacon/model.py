@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from .attention import apply_rope, attend
+from .attention import ATTENTION_IMPLEMENTATIONS, apply_rope, attend, step_mask
 from .config import BeaconConfig
 from .memory import IGNORE_INDEX, BeaconMemory, StepPlan
 
@@ -37,12 +37,23 @@ class BeaconOutput:
 
 
 def max_positions(config) -> int:
-    """The base model's positional reach (scaled by the RoPE factor when one is set)."""
+    """The base model's positional reach.
+
+    `max_position_embeddings`, times the RoPE scaling factor when the scaling extends the
+    context beyond it. Configs whose RoPE parameters give an `original_max_position_embeddings`
+    below `max_position_embeddings` already state the extended length there (Llama 3.1/3.2
+    `llama3`, Phi-3 `longrope`, DeepSeek `yarn`: e.g. 8192 x 8 -> 131072 is written as 131072),
+    so it is not scaled again. Otherwise the reach is the original length (transformers defaults
+    it to `max_position_embeddings`) times the factor (e.g. Qwen2 `yarn`: 32768 x 4).
+    """
     positions = int(config.max_position_embeddings)
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default" and rope.get("factor"):
-        positions = int(positions * rope["factor"])
-    return positions
+    if rope.get("rope_type", "default") == "default" or not rope.get("factor"):
+        return positions
+    original = rope.get("original_max_position_embeddings")
+    if original and int(original) < positions:
+        return positions
+    return int((int(original) if original else positions) * rope["factor"])
 
 
 class BeaconForCausalLM(nn.Module):
@@ -55,6 +66,11 @@ class BeaconForCausalLM(nn.Module):
         attn_implementation: str = "sdpa",
     ) -> None:
         super().__init__()
+        if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation: {attn_implementation!r} is not supported; choose "
+                f"{' or '.join(ATTENTION_IMPLEMENTATIONS)}"
+            )
         self.config = base.config
         self.model = base.model
         self.lm_head = base.lm_head
@@ -215,10 +231,12 @@ class BeaconForCausalLM(nn.Module):
             hidden = torch.where(is_beacon[None, :, None], beacon, hidden)
         cos, sin = self.model.rotary_emb(hidden, plan.positions.to(device)[None])
         beacon_rows = is_beacon.nonzero().flatten() if has_beacons else None
+        n_fed = ids.shape[1]
+        mask = step_mask(plan.mask, n_fed, plan.past_length, device, self.attn_implementation)
         new_keys, new_rotated, new_values = [], [], []
         for layer, layer_memory in zip(self.model.layers, self.memory.layers, strict=True):
             past_keys, past_values = layer_memory.past_view()
-            args = (hidden, cos, sin, past_keys, past_values, beacon_rows, plan.mask)
+            args = (hidden, cos, sin, past_keys, past_values, beacon_rows, mask)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 out = checkpoint(self._layer, layer, *args, use_reentrant=False)
             else:
