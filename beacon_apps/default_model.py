@@ -45,10 +45,13 @@ def default_model() -> str | Path:
         logger.warning(
             "%s is not cached here and cannot be fetched (%s). Using the bundled demo model "
             "%s: 12M parameters trained on Python code, it finds facts such as pass keys in "
-            "long documents and little else; real use wants the released model (--model or $%s).",
+            "long documents and little else. Real use wants the released model: download it "
+            "where there is network (huggingface-cli download %s) and pass its folder with "
+            "--model (or set $%s).",
             RELEASED_MODEL,
             str(error).split("(", 1)[-1].split(")", 1)[0],
             DEMO_MODEL_DIR.name,
+            RELEASED_MODEL,
             MODEL_ENV,
         )
         return DEMO_MODEL_DIR

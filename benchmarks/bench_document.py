@@ -2,8 +2,8 @@
 
     python benchmarks/bench_document.py [PDF ...] [--model DIR|HUB_ID] [--device cuda]
 
-Without --model it writes a tiny random-weight beacon model (window 256, native context 4096,
-ratios 2..32: about 123K tokens of reach) so the benchmark runs anywhere, offline, on the CPU.
+Without --model it writes a tiny random-weight beacon model (window 256, native context 8192,
+ratios 2..32: about 254K tokens of reach) so the benchmark runs anywhere, offline, on the CPU.
 Without a PDF it looks for Debian's R manuals (`apt-get download r-doc-pdf`, `dpkg -x`), e.g.
 R-intro.pdf (about 100 pages). Prints one table: time to first token and total time for the
 first question (condenses the document) and for later questions (restore the condensed prefix),
@@ -65,7 +65,7 @@ def main() -> int:
             Path(tempfile.mkdtemp()) / "tiny",
             beacon_window=256,
             beacon_stride=256,
-            max_position_embeddings=4096,
+            max_position_embeddings=8192,
         )
     if args.shape:
         model, tokenizer = _random_shape_model(args, tiny_folder=model)

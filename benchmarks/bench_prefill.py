@@ -13,9 +13,9 @@ per layer and KV bytes, and the beacon/base ratio of each. Base rows whose estim
 skipped as "n/a (OOM estimate)".
 
 Models:
-* default: a small random-weight Qwen2 written to a temp dir (hidden 128, 4 layers, window 1024,
-  ratios 2/4/8 with `adapt-1024`, 8K native positions so longer prompts get higher ratios);
-  runs in about a minute on 2 CPU cores.
+* default: a small random-weight Qwen2 written to a temp dir (hidden 256, 4 layers, 4/2 heads,
+  window 1024, ratios 2/4/8 with `adapt-1024`, 16K native positions; `--ratio 8` pins the ratio
+  of the issue's CPU target); 4K-64K, a few minutes on 2 CPU cores (full attention dominates).
 * `--model DIR`: a real checkpoint folder (beacon settings from its config.json).
 * `--shape qwen2-7b --random-weights`: the Qwen2-7B shape (hidden 3584, 28 layers, 28/4 heads,
   intermediate 18944, vocab 152064, 32K positions) with the released beacon recipe (window 2048,
@@ -72,17 +72,17 @@ RELEASED_BEACON = {  # the released Qwen2 recipe (docs/beacon_method.md §1), ev
     "beacon_sink_size": 0,
 }
 SMALL = {  # the default CPU model: written with write_tiny_model (random weights, BPE tokenizer)
-    "hidden_size": 128,
-    "intermediate_size": 344,
+    "hidden_size": 256,
+    "intermediate_size": 688,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 8192,
+    "max_position_embeddings": 16384,  # reach at ratio 8: (16384 - 1024) * 8 + 1024 = 123K
     **RELEASED_BEACON,
     "beacon_window": 1024,
     "beacon_stride": 1024,
 }
-CPU_LENGTHS = [4096, 8192, 16384]
+CPU_LENGTHS = [4096, 16384, 65536]
 CUDA_LENGTHS = [4096, 8192, 16384, 32768, 65536]
 MIB = 2**20
 
@@ -209,7 +209,7 @@ def build_models(args, device: torch.device, dtype: torch.dtype):
         from beacon_apps.beacon.tiny import write_tiny_model
 
         folder = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-prefill-")), **SMALL)
-        what = "small random-weight qwen2 (hidden 128, 4 layers, 8K positions)"
+        what = "small random-weight qwen2 (hidden 256, 4 layers, 16K positions)"
     beacon = load_beacon_model(
         folder, device=device, dtype=dtype, attn_implementation=args.attn, **overrides
     )

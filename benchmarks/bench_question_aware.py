@@ -85,6 +85,11 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--beyond-reach",
+        action="store_true",
+        help="also run lengths past the reach (positions the base model never saw)",
+    )
     args = parser.parse_args()
     print("command:", " ".join(sys.argv))
     if args.threads:
@@ -122,8 +127,10 @@ def main() -> int:
         fixed = config.replace(beacon_ratio_mix=f"fixed-{ratio}")
         for length in args.lengths:
             if length + 64 > reach:
-                print(f"ratio {ratio}: {length} tokens exceed the reach {reach}; skipped")
-                continue
+                if not args.beyond_reach:
+                    print(f"ratio {ratio}: {length} tokens exceed the reach {reach}; skipped")
+                    continue
+                print(f"ratio {ratio}: {length} tokens exceed the reach {reach}; run anyway")
             rng = random.Random(f"{args.seed}-{length}")  # same prompts for every ratio
             for depth in args.depths:
                 for _ in range(args.keys):

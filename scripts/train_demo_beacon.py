@@ -146,20 +146,27 @@ def build_samples(out: Path, tokenizer, count: int, seed: int) -> list[Sample]:
     return samples
 
 
-def ship(out: Path, destination: Path) -> None:
-    """The trained model in bfloat16 (half the bytes; CPUs compute in float32 from it) in the
-    package, with the model card kept beside it."""
+def ship(out: Path, destination: Path, checkpoint: Path | None = None) -> None:
+    """The trained model (or `checkpoint`) in bfloat16 (half the bytes; CPUs compute in float32
+    from it) in the package, with the model card kept beside it."""
     import torch
 
     from beacon_apps.beacon import load_beacon_model, save_beacon_model
 
-    source = out / "beacon"
+    source = checkpoint or out / "beacon"
     model = load_beacon_model(source, device="cpu", dtype=torch.float32).to(torch.bfloat16)
     save_beacon_model(model, destination)
     AutoTokenizer.from_pretrained(source).save_pretrained(destination)
-    for name in ("generation_config.json",):
-        if (source / name).is_file():
-            (destination / name).write_bytes((source / name).read_bytes())
+    generation = next(
+        (
+            d / "generation_config.json"
+            for d in (source, out / "base")
+            if (d / "generation_config.json").is_file()
+        ),
+        None,
+    )
+    if generation:
+        (destination / generation.name).write_bytes(generation.read_bytes())
     size = sum(f.stat().st_size for f in destination.iterdir()) / 2**20
     print(f"{destination}: {size:.1f} MiB")
 
@@ -168,7 +175,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["prepare", "train", "ship"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in all")
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--save-steps", type=int, default=50)
@@ -182,6 +189,9 @@ def main() -> int:
     )
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoint", type=Path, help="ship: this checkpoint, not the final model"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "prepare":
@@ -190,7 +200,7 @@ def main() -> int:
     if args.command == "ship":
         from beacon_apps.default_model import DEMO_MODEL_DIR
 
-        ship(args.out, DEMO_MODEL_DIR)
+        ship(args.out, DEMO_MODEL_DIR, args.checkpoint)
         return 0
 
     tokenizer = AutoTokenizer.from_pretrained(args.out / "base")
