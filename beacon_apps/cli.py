@@ -27,11 +27,12 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------- shared options
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .default_model import MODEL_HELP
+
     parser.add_argument(
         "--model",
         default=None,
-        help="hub id or local folder of a beacon checkpoint (default: $BEACON_APPS_MODEL, else "
-        "the released 7B model, else offline the bundled demo model, which `demo` names)",
+        help=MODEL_HELP,
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument(

@@ -21,6 +21,10 @@ RELEASED_MODEL = "namespace-Pt/beacon-qwen-2-7b-instruct"
 DEMO_MODEL_DIR = Path(__file__).parent / "models" / "beacon-demo-python-12m"
 MODEL_ENV = "BEACON_APPS_MODEL"
 DEMO_ALIAS = "demo"  # `--model demo`: the bundled model, whatever the network says
+MODEL_HELP = (  # the --model option of every command line (CLI, app)
+    "hub id or local folder of a beacon checkpoint (default: $BEACON_APPS_MODEL, else the "
+    "released 7B model, else offline the bundled demo model, which `demo` names)"
+)
 
 
 def resolve_alias(model: str | os.PathLike) -> str | os.PathLike:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from beacon_apps.beacon.checkpoint import BASE_MODEL_BEACON_DEFAULTS
+
 QWEN2_7B = {
     "model_type": "qwen2",
     "architectures": ["Qwen2ForCausalLM"],
@@ -61,16 +63,8 @@ QWEN2_7B = {
     "bos_token_id": 151643,
     "eos_token_id": 151645,
 }
-RELEASED_BEACON = {  # the released Qwen2 recipe (docs/beacon_method.md §1), evaluation mix
-    "beacon_window": 2048,
-    "beacon_stride": 2048,
-    "beacon_attn": "full-coverage",
-    "beacon_ratio": [2, 4, 8],
-    "beacon_ratio_mix": "adapt-1024",
-    "beacon_param": ["q", "k", "v"],
-    "beacon_pos": "interleave",
-    "beacon_sink_size": 0,
-}
+# the released Qwen2 recipe (docs/beacon_method.md §1), evaluation mix
+RELEASED_BEACON = {**BASE_MODEL_BEACON_DEFAULTS, "beacon_sink_size": 0}
 SMALL = {  # the default CPU model: written with write_tiny_model (random weights, BPE tokenizer)
     "hidden_size": 256,
     "intermediate_size": 688,

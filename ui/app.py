@@ -104,12 +104,13 @@ DEFAULT_MAX_UPLOAD_MB = 100
 # ---------------------------------------------------------------------- command line
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `beacon-apps app`."""
+    from beacon_apps.default_model import MODEL_HELP
+
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
         default=None,
-        help="hub id or local folder of a beacon checkpoint (default: $BEACON_APPS_MODEL, else "
-        "the released 7B model, else offline the bundled demo model, which `demo` names)",
+        help=MODEL_HELP,
     )
     model.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     model.add_argument(
