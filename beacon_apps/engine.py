@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .beacon import GenerationSettings, generate_tokens, load_beacon_model, resolve_model_dir
-from .beacon.generation import IncrementalDecoder
+from .beacon.generation import StopStringMatcher
 from .beacon.model import BeaconForCausalLM, max_positions
 from .cache import CondensedCache, prefix_digests
 from .default_model import default_model, resolve_alias
@@ -931,25 +931,20 @@ class _Budgeted:
 class _TextDecoder:
     """Incremental detokenization that never emits half a character or part of a stop string.
 
-    Each token decodes only the last few tokens (`IncrementalDecoder`) and only the text that can
-    still hold a new stop string is searched, so the cost per token does not grow with the answer
-    (the text is the whole decoding, as `tokenizer.decode` gives it).
+    Decoding and stop-string search are `StopStringMatcher`'s (incremental: the cost per token
+    does not grow with the answer); this adds what may be shown yet.
     """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
         self.stop_strings = list(stop_strings)
-        self._longest = max((len(s) for s in self.stop_strings), default=0)
-        self._decoder = IncrementalDecoder(tokenizer)
+        self._matcher = StopStringMatcher(tokenizer, self.stop_strings)
         self.text = ""
         self.emitted = 0
 
     def add(self, token: int) -> tuple[str, bool]:
-        # the text before this token held no stop string: a new one ends after its settled part
-        start = max(0, len(self._decoder.text) - self._longest + 1)
-        self._decoder.add(token)
-        full = self._decoder.text + self._decoder.pending()
-        cut = min((i for s in self.stop_strings if (i := full.find(s, start)) >= 0), default=-1)
-        if cut >= 0:
+        cut = self._matcher.add(token)
+        full = self._matcher.text
+        if cut is not None:
             self.text = full[:cut]
             return self._emit(len(self.text)), True
         self.text = full

@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the demo's prompts
+from train_demo_beacon import code_haystack, hide, passkey_fact  # noqa: E402
+
 DEMO = Path("/tmp/demo")
 QUESTION = "What is the pass key?"
 
@@ -46,12 +49,9 @@ def make_prompt(tokenizer, code: np.ndarray, length: int, depth: float, rng: ran
     The haystack is `length` tokens of code from a random place; the fact goes at the line
     break before `depth` of its characters, as `fact_chat` does in training.
     """
-    start = rng.randrange(len(code) - length)
-    haystack = tokenizer.decode(code[start : start + length].tolist())
+    haystack = code_haystack(code, tokenizer, rng, length)
     key = str(rng.randint(10000, 99999))
-    fact = f"The pass key is {key}. Remember it. {key} is the pass key."
-    cut = max(haystack.rfind("\n", 0, int(depth * len(haystack))), 0)
-    document = f"{haystack[:cut]}\n{fact}\n{haystack[cut:]}"
+    document = hide(haystack, passkey_fact(key), depth)
 
     def render(content: str) -> list[int]:
         text = tokenizer.apply_chat_template(

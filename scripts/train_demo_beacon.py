@@ -59,9 +59,24 @@ def random_fact(rng: random.Random) -> tuple[str, str, str]:
     model learned to answer (it answers in-window perfectly; the beacon must carry the key across
     windows). Only beacon parameters train, so no new question formats can be taught here."""
     key = str(rng.randint(10000, 99999))
-    fact = f"The pass key is {key}. Remember it. {key} is the pass key."
     question = rng.choice(["What is the pass key?", "What is the pass key in the document?"])
-    return fact, question, f"The pass key is {key}."
+    return passkey_fact(key), question, f"The pass key is {key}."
+
+
+def passkey_fact(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
+def code_haystack(code: np.ndarray, tokenizer, rng: random.Random, tokens: int) -> str:
+    """`tokens` tokens of real code from a random place, as text."""
+    start = rng.randrange(len(code) - tokens)
+    return tokenizer.decode(code[start : start + tokens].tolist())
+
+
+def hide(haystack: str, fact: str, depth: float) -> str:
+    """The fact on a line of its own, at the line break before `depth` of the haystack's text."""
+    cut = max(haystack.rfind("\n", 0, int(depth * len(haystack))), 0)
+    return f"{haystack[:cut]}\n{fact}\n{haystack[cut:]}"
 
 
 def fact_chat(
@@ -69,12 +84,9 @@ def fact_chat(
 ) -> tuple[list[int], list[int]]:
     """A chat whose document (real code) hides one fact at a random depth; only the answer is a
     target."""
-    start = rng.randrange(len(code) - haystack_tokens)
-    haystack = tokenizer.decode(code[start : start + haystack_tokens].tolist())
+    haystack = code_haystack(code, tokenizer, rng, haystack_tokens)
     fact, question, answer = random_fact(rng)
-    cut = haystack.rfind("\n", 0, int(rng.random() * len(haystack)))
-    cut = max(cut, 0)
-    document = f"{haystack[:cut]}\n{fact}\n{haystack[cut:]}"
+    document = hide(haystack, fact, rng.random())
     return encode_conversation(
         tokenizer,
         [

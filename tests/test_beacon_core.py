@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from counting import CountingTokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from beacon_apps.beacon import (
@@ -607,17 +608,6 @@ def test_incremental_decoding_equals_whole_decoding(model_dirs):
             whole = tokenizer.decode(ids[:n], skip_special_tokens=True)
             assert decoder.text + decoder.pending() == whole
             assert not decoder.text.endswith("\ufffd")
-
-
-class CountingTokenizer:
-    """A tokenizer that counts the token ids it is asked to decode."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.decoded = tokenizer, 0
-
-    def decode(self, ids, **options):
-        self.decoded += len(ids)
-        return self.tokenizer.decode(ids, **options)
 
 
 def test_stop_string_matcher_equals_a_whole_text_search_at_linear_cost(model_dirs):

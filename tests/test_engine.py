@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from counting import CountingTokenizer
 
 from beacon_apps.beacon import GenerationSettings, generate
 from beacon_apps.beacon.tiny import write_tiny_model
@@ -237,15 +238,6 @@ def whole_text_decoding(tokenizer, ids, stops):
         if cut >= 0:
             return deltas, text, True
     return deltas + ([text[emitted:]] if len(text) > emitted else []), text, False
-
-
-class CountingTokenizer:
-    def __init__(self, tokenizer):
-        self.tokenizer, self.decoded = tokenizer, 0
-
-    def decode(self, ids, **options):
-        self.decoded += len(ids)
-        return self.tokenizer.decode(ids, **options)
 
 
 def test_text_decoder_equals_decoding_the_whole_answer_every_token(engine):

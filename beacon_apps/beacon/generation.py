@@ -145,6 +145,11 @@ class StopStringMatcher:
         self._hit = start + min(hits) if hits else None
         return self._hit
 
+    @property
+    def text(self) -> str:
+        """The whole decoded text so far (an incomplete last character as U+FFFD)."""
+        return self._decoder.text + self._decoder.pending()
+
 
 def generate_tokens(
     model: BeaconForCausalLM,
